@@ -1,0 +1,1 @@
+"""Single-device face-recognition backbones behind one registry (``create_backbone``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: verification packs, IJB-B/C, MegaFace, embedders and reports."""

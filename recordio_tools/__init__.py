@@ -1,0 +1,1 @@
+"""MXNet-compatible RecordIO reading/writing, dataset packing and verification packs (no torch)."""

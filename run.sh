@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The single entry point: sets up the environment on first use, then runs a subcommand.
+#   ./run.sh help        lists the subcommands
+# Environment:
+#   ARCFACE_VENV   where the virtual environment lives (default: .venv beside this script)
+#   PYTHON         interpreter used to create it (default: python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${ARCFACE_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+usage() {
+  cat <<'USAGE'
+usage: ./run.sh <command> [args...]
+
+  setup                 create/refresh the virtual environment (done automatically by every command)
+  test [pytest args]    lint (ruff) and run the test suite
+  demo [--help]         the whole mission end to end on synthetic faces (CPU, ~10 min)
+  train CONFIG [k=v..]  torchrun training; extra torchrun flags via TORCHRUN_ARGS="--nproc_per_node 8"
+  eval [args]           arcface-eval: verification packs, IJB-B/C, MegaFace -> report
+  export [args]         arcface-export: checkpoint -> ONNX with a parity check
+  embed [args]          arcface-embed: aligned face images -> embeddings
+  pack_rec [args]       the RecordIO toolkit (pack, info, verify, reindex, unpack, bin, synth)
+  bench                 run every benchmark in bench/ and write bench/RESULTS.md
+  help                  this text
+USAGE
+}
+
+ensure_env() {
+  # Idempotent: re-installs only when the packaging files changed since the last install.
+  local stamp="$VENV/.arcface-installed"
+  local want
+  want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
+  if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "[run.sh] creating virtual environment in $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+  fi
+  echo "[run.sh] installing the project (editable, with dev extras) into $VENV" >&2
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" >&2
+  echo "$want" > "$stamp"
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+
+case "$cmd" in
+  help|-h|--help) usage ;;
+  setup) ensure_env ;;
+  test)
+    ensure_env
+    cd "$ROOT"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/python" -m pytest "$@"
+    ;;
+  demo)
+    ensure_env
+    exec "$VENV/bin/python" -m arcface.demo "$@"
+    ;;
+  train)
+    ensure_env
+    # shellcheck disable=SC2086
+    exec "$VENV/bin/torchrun" ${TORCHRUN_ARGS:---standalone --nproc_per_node 1} -m arcface.train "$@"
+    ;;
+  eval) ensure_env; exec "$VENV/bin/arcface-eval" "$@" ;;
+  export) ensure_env; exec "$VENV/bin/arcface-export" "$@" ;;
+  embed) ensure_env; exec "$VENV/bin/arcface-embed" "$@" ;;
+  pack_rec) ensure_env; exec "$VENV/bin/pack_rec" "$@" ;;
+  bench) ensure_env; cd "$ROOT"; exec "$VENV/bin/python" bench/run_all.py "$@" ;;
+  *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
+esac
