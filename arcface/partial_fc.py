@@ -1,0 +1,276 @@
+"""Model-parallel, sampled "Partial FC" classifier with a distributed softmax cross-entropy.
+
+Each rank owns the fp32 centres of its contiguous block of classes (:class:`ClassPartition`). A step:
+
+1. all-gather the embeddings of every rank (PyTorch's autograd-aware functional collective: its
+   backward reduce-scatters the gradient, one collective) and the labels;
+2. Partial FC sampling (``sample_rate < 1``): keep every class of this shard that is a positive of the
+   global batch, add negatives drawn uniformly at random (seeded generator) up to
+   ``floor(sample_rate * num_local)`` rows, remap the labels to the sampled columns;
+3. cosine logits ``normalize(embeddings) @ normalize(sampled_weight).T`` in fp32;
+4. the margin module on the local columns (label ``-1`` where the target is on another rank);
+5. distributed softmax cross-entropy: max all-reduce, sum all-reduce, exact log-sum-exp loss.
+
+The returned loss is the mean over the GLOBAL batch and is identical on every rank; the gradient each
+rank receives for its local embeddings is exactly the gradient of that loss (the dense single-process
+gradient). **Gradient-scaling contract with DDP**: DDP averages backbone gradients over the ``W``
+ranks, so the trainer must put ``arcface.distributed.scale_gradient(embeddings, world_size)`` between
+the DDP backbone and this module; then backbone gradients equal the dense single-process ones.
+
+Memory per rank (fp32, ``D`` = embedding size, ``B`` = global batch, ``k`` = sampled rows of the shard
+= ``max(floor(rate * num_local), positives here)``)::
+
+    weights          4 * num_local * D
+    optimizer state  4 * num_local * D  (SGD momentum)  or  8 * num_local * D + 4 * num_local (AdamW)
+    gradient         4 * num_local * D  (dense update)  or  (4 * D + 8) * k  (sparse rows + indices)
+    activations      ~ 8 * k * D (sampled + normalised rows) + 12 * B * k (cos_theta, logits, softmax)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from arcface.distributed import all_gather_autograd, all_gather_tensor, get_world_size, is_distributed
+from arcface.fc_optim import build_fc_optimizer
+from arcface.partition import ClassPartition
+
+__all__ = ["PartialFC", "DistributedCrossEntropy", "distributed_cross_entropy", "init_fc_weight"]
+
+_INIT_BLOCK_ROWS = 1 << 16
+
+
+def init_fc_weight(partition: ClassPartition, embedding_size: int, seed: int, std: float = 0.01,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """This rank's rows of a ``N(0, std^2)`` matrix ``[num_classes, D]`` that does not depend on W.
+
+    Rows are generated in fixed blocks of 65536 classes, each from its own seeded generator, so the
+    global matrix is the same for any world size (a run on 2 ranks starts exactly like one on 1) while
+    no rank ever materialises more than one block beyond its shard.
+    """
+    weight = torch.empty(partition.num_local, embedding_size, dtype=torch.float32)
+    first_block = partition.class_start // _INIT_BLOCK_ROWS
+    last_block = (partition.class_end - 1) // _INIT_BLOCK_ROWS
+    for block in range(first_block, last_block + 1):
+        block_start = block * _INIT_BLOCK_ROWS
+        block_rows = min(_INIT_BLOCK_ROWS, partition.num_classes - block_start)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(block_rows, embedding_size, generator=generator).mul_(std)
+        lo = max(partition.class_start, block_start)
+        hi = min(partition.class_end, block_start + block_rows)
+        start = partition.class_start
+        weight[lo - start:hi - start] = values[lo - block_start:hi - block_start]
+    return weight.to(device) if device is not None else weight
+
+
+class DistributedCrossEntropy(torch.autograd.Function):
+    """Softmax cross-entropy over classes sharded across ranks; mean over the rows of ``logits``.
+
+    Hand-written rather than composed from an autograd-aware ``all_reduce``: that
+    collective's backward SUMS the incoming gradient over ranks, which is right when every rank holds
+    a different term of the objective, but our loss value is replicated on every rank, so it would
+    multiply the logits' gradient by W. The exact gradient ``(softmax - onehot) / B`` is local to each
+    rank, so the backward here needs no communication at all.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, local_targets: torch.Tensor,  # type: ignore[override]
+                distributed: bool) -> torch.Tensor:
+        batch = logits.shape[0]
+        if logits.shape[1] > 0:
+            row_max = logits.detach().amax(dim=1)
+        else:
+            row_max = torch.full((batch,), -math.inf, dtype=logits.dtype, device=logits.device)
+        if distributed:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+        probs = (logits.detach() - row_max.unsqueeze(1)).exp_()
+        owned = local_targets >= 0
+        owned_rows = owned.nonzero().squeeze(1)
+        # [B, 2]: per row, the sum of exp over this shard's columns and the shifted target logit if the
+        # target lives here (0 elsewhere); one SUM all-reduce completes both.
+        stats = torch.zeros(batch, 2, dtype=logits.dtype, device=logits.device)
+        stats[:, 0] = probs.sum(dim=1)
+        stats[owned_rows, 1] = logits.detach()[owned_rows, local_targets[owned_rows]] - row_max[owned_rows]
+        if distributed:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        sum_exp, target_shifted = stats[:, 0], stats[:, 1]
+        probs.div_(sum_exp.unsqueeze(1))
+        ctx.save_for_backward(probs, local_targets, owned_rows)
+        return (sum_exp.log() - target_shifted).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        probs, local_targets, owned_rows = ctx.saved_tensors
+        grad = probs.clone() if ctx.needs_input_grad[0] else probs
+        grad[owned_rows, local_targets[owned_rows]] -= 1.0
+        grad.mul_(grad_output / probs.shape[0])
+        return grad, None, None
+
+
+def distributed_cross_entropy(logits: torch.Tensor, local_targets: torch.Tensor,
+                              distributed: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy over rows; columns of ``logits`` are this rank's classes, ``local_targets``
+    the target column or ``-1`` when the target class lives on another rank. Identical on all ranks."""
+    if distributed is None:
+        distributed = get_world_size() > 1
+    return DistributedCrossEntropy.apply(logits, local_targets, distributed)
+
+
+class PartialFC(nn.Module):
+    """The sharded (and optionally sampled) classifier + margin + distributed softmax loss.
+
+    Args:
+        partition: which classes this rank owns (``partition.world_size`` must equal the process
+            group's size; 1 without a process group).
+        embedding_size: ``D``.
+        margin: module ``(cos_theta [b, n], labels [b] column or -1) -> logits [b, n]``
+            (``arcface.margins.CombinedMargin`` and friends); applied to the local sampled columns.
+        sample_rate: fraction of the shard's classes used per step, in (0, 1]; 1 = plain model parallel.
+        update: ``"sparse"``: with ``sample_rate < 1`` the weight receives a sparse row gradient and the
+            optimiser (from :meth:`build_optimizer`) touches only sampled rows; ``"dense"``: a dense
+            gradient of the whole shard (zero in unsampled rows), so weight decay and momentum move
+            every row each step, like a plain ``torch.optim`` optimiser.
+        device: where the shard lives (CPU by default; pass the rank's CUDA device explicitly).
+        seed: initialisation seed (the global matrix is the same for any world size) and sampling seed
+            (per rank: ``seed``, ``rank`` and the step decide the negatives).
+        init_std: standard deviation of the initial centres.
+        check_labels: validate label range every step (one host sync).
+    """
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, margin: nn.Module,
+                 sample_rate: float = 1.0, update: str = "sparse", device: torch.device | str | None = None,
+                 seed: int = 0, init_std: float = 0.01, check_labels: bool = True) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"fc.sample_rate must be in (0, 1], got {sample_rate}")
+        if update not in ("sparse", "dense"):
+            raise ValueError(f"fc.update must be 'sparse' or 'dense', got {update!r}")
+        if embedding_size < 1:
+            raise ValueError(f"backbone.embedding_size must be >= 1, got {embedding_size}")
+        if partition.world_size != get_world_size():
+            raise ValueError(f"ClassPartition.world_size ({partition.world_size}) differs from the process "
+                             f"group's world size ({get_world_size()})")
+        if is_distributed() and partition.rank != dist.get_rank():
+            raise ValueError(f"ClassPartition.rank ({partition.rank}) differs from this process's rank "
+                             f"({dist.get_rank()})")
+        self.partition = partition
+        self.embedding_size = embedding_size
+        self.margin = margin
+        self.sample_rate = float(sample_rate)
+        self.update = update
+        self.seed = seed
+        self.check_labels = check_labels
+        self.weight = nn.Parameter(init_fc_weight(partition, embedding_size, seed, init_std, device))
+        self.num_sample = min(partition.num_local,
+                              max(1, int(math.floor(self.sample_rate * partition.num_local + 1e-6))))
+        # Seeded per rank so that runs are reproducible; its state is saved with the FC shard.
+        self.generator = torch.Generator(device=self.weight.device)
+        self.generator.manual_seed(seed * 1_000_003 + 7919 * partition.rank + 1)
+        #: local rows used in the last forward (sorted), for inspection and tests.
+        self.sampled_rows: torch.Tensor | None = None
+
+    @property
+    def sampling(self) -> bool:
+        return self.num_sample < self.partition.num_local
+
+    def extra_repr(self) -> str:
+        p = self.partition
+        return (f"classes=[{p.class_start}, {p.class_end}) of {p.num_classes}, rank={p.rank}/{p.world_size}, "
+                f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, update={self.update}")
+
+    @torch.no_grad()
+    def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose this step's rows: all positives here + uniform random negatives.
+
+        Returns ``(rows, targets)``: sorted local row indices ``[k]`` and the targets remapped to
+        columns of the sampled matrix (``-1`` stays ``-1``). The random scores cost O(num_local)
+        scalars per step (no embedding-size factor); everything of size ``D`` is O(k).
+        """
+        positives = torch.unique(local_targets[local_targets >= 0])
+        if positives.numel() >= self.num_sample:
+            rows = positives
+        else:
+            scores = torch.rand(self.partition.num_local, generator=self.generator,
+                                device=local_targets.device)
+            scores[positives] = 2.0  # above any uniform draw: positives are always kept
+            rows = torch.topk(scores, self.num_sample, sorted=False).indices.sort().values
+        targets = torch.where(local_targets >= 0, torch.searchsorted(rows, local_targets.clamp(min=0)),
+                              local_targets)
+        return rows, targets
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean ArcFace-family cross-entropy over the global batch (0-dim fp32, same on every rank).
+
+        ``local_embeddings [b, D]`` (any float dtype; cast to fp32) and ``local_labels [b]`` global class
+        ids of this rank's samples; every rank must pass the same ``b``.
+        """
+        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"PartialFC expects embeddings [batch, {self.embedding_size}], "
+                             f"got {tuple(local_embeddings.shape)}")
+        if local_labels.shape != local_embeddings.shape[:1]:
+            raise ValueError(f"PartialFC expects labels [{local_embeddings.shape[0]}], "
+                             f"got {tuple(local_labels.shape)}")
+        device = self.weight.device
+        local_labels = local_labels.to(device=device, dtype=torch.long)
+        if self.check_labels:
+            invalid = (local_labels < 0) | (local_labels >= self.partition.num_classes)
+            if bool(invalid.any()):
+                bad = local_labels[invalid][:5].tolist()
+                raise ValueError(f"labels must be in [0, {self.partition.num_classes}), got e.g. {bad}")
+        distributed = self.partition.world_size > 1
+        # Sampling, margin and loss run in fp32 even under fp16/bf16 autocast of the backbone.
+        with torch.autocast(device_type=device.type, enabled=False):
+            embeddings = local_embeddings.to(device=device, dtype=torch.float32)
+            if distributed:
+                total_embeddings = all_gather_autograd(embeddings)
+                total_labels = all_gather_tensor(local_labels)
+            else:
+                total_embeddings, total_labels = embeddings, local_labels
+            local_targets = self.partition.to_local(total_labels)
+            if self.sampling:
+                rows, targets = self.sample(local_targets)
+                if self.update == "sparse":
+                    # Sparse row gradient: only sampled rows get one (never a dense [num_local, D]).
+                    sampled_weight = F.embedding(rows, self.weight, sparse=True)
+                else:
+                    sampled_weight = self.weight[rows]
+            else:
+                rows, targets, sampled_weight = None, local_targets, self.weight
+            self.sampled_rows = rows
+            cos_theta = F.linear(F.normalize(total_embeddings), F.normalize(sampled_weight))
+            logits = self.margin(cos_theta, targets).float()
+            return distributed_cross_entropy(logits, targets, distributed)
+
+    def sampled_classes(self) -> torch.Tensor:
+        """Global class ids of the rows used in the last forward (all of the shard without sampling)."""
+        if self.sampled_rows is None:
+            p = self.partition
+            return torch.arange(p.class_start, p.class_end, device=self.weight.device)
+        return self.sampled_rows + self.partition.class_start
+
+    def build_optimizer(self, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                        weight_decay: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
+                        eps: float = 1e-8) -> torch.optim.Optimizer:
+        """The row-wise optimiser for this shard: ``"sgd"`` (RowSGD) or ``"adamw"`` (RowAdamW).
+
+        With ``update="sparse"`` and sampling it updates only the sampled rows and their state.
+        """
+        return build_fc_optimizer([self.weight], name, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                  betas=betas, eps=eps)
+
+    def memory_bytes(self, global_batch: int, optimizer: str = "sgd") -> dict[str, int]:
+        """The documented per-rank memory formula (bytes), used by the benchmark to check measurements."""
+        num_local, dim = self.partition.num_local, self.embedding_size
+        k = self.num_sample
+        sampled_update = self.sampling and self.update == "sparse"
+        return {
+            "weights": 4 * num_local * dim,
+            "optimizer": 4 * num_local * dim if optimizer == "sgd" else 8 * num_local * dim + 4 * num_local,
+            "gradient": (4 * dim + 8) * k if sampled_update else 4 * num_local * dim,
+            "activations": 8 * k * dim + 12 * global_batch * k + 8 * global_batch * dim,
+        }
