@@ -1,0 +1,207 @@
+"""Save each rank's FC shard (+ row optimiser state) and load it back on ANY world size.
+
+Layout inside a checkpoint directory: one file per saving rank,
+``fc_shard_{rank:05d}-of-{world_size:05d}.pt``, each holding plain tensors (loads with
+``weights_only=True``) and its global class range::
+
+    format_version, num_classes, embedding_size, world_size, rank, class_start, num_local,
+    weight [num_local, D] fp32, sampler_rng (uint8 state of the negative sampler),
+    optimizer: None | {type, param_groups (hyper-parameters), row_state {key: [num_local, ...]}}
+
+Loading rebuilds this rank's rows ``[class_start, class_end)`` from the overlapping saved shards
+(memory-mapped, so a rank reads only the bytes it needs), for the weight and every row of optimiser
+state, so a run saved on 2 ranks resumes on 3 or on 1 with the same global FC matrix.
+
+Why not ``torch.distributed.checkpoint`` (DCP): DCP reshards DTensors / ShardedTensors by their chunk
+metadata, but a DTensor ``Shard(0)`` placement can only express torch.chunk-style splits (ceil-sized
+chunks, the remainder on the last ranks), not our balanced ``C // W + (rank < C % W)`` split, and
+ShardedTensor (arbitrary shard metadata) is deprecated. Padding the class dimension for DTensor would
+make the padded row layout depend on W, which defeats resharding. Storing every shard under its own
+key with its global range and resolving overlaps ourselves is a few lines, needs no collective, and
+works the same with or without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arcface.fc_optim import ROW_STATE_KEYS, RowAdamW, RowSGD
+from arcface.partial_fc import PartialFC
+
+__all__ = ["FC_FORMAT_VERSION", "FCCheckpointError", "shard_filename", "save_fc_shard", "load_fc_resharded",
+           "list_fc_shards"]
+
+FC_FORMAT_VERSION = 1
+_SHARD_RE = re.compile(r"^fc_shard_(\d{5})-of-(\d{5})\.pt$")
+
+
+class FCCheckpointError(RuntimeError):
+    """FC shards are missing, inconsistent, or do not fit the classifier being loaded."""
+
+
+def shard_filename(rank: int, world_size: int) -> str:
+    """File name of one rank's shard."""
+    return f"fc_shard_{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _check_optimizer(pfc: PartialFC, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(optimizer, (RowSGD, RowAdamW)):
+        raise TypeError(f"FC optimizer must be RowSGD or RowAdamW (PartialFC.build_optimizer), "
+                        f"got {type(optimizer).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != 1 or params[0] is not pfc.weight:
+        raise ValueError("the FC optimizer must optimise exactly the PartialFC weight shard")
+
+
+def save_fc_shard(directory: str | os.PathLike[str], pfc: PartialFC,
+                  optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write this rank's shard file into ``directory`` (temp name, then rename); every rank calls it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    part = pfc.partition
+    optimizer_payload: dict[str, Any] | None = None
+    if optimizer is not None:
+        _check_optimizer(pfc, optimizer)
+        state = optimizer.state.get(pfc.weight, {})
+        unknown = set(state) - set(ROW_STATE_KEYS)
+        if unknown:
+            raise ValueError(f"FC optimizer state has entries that cannot be resharded: {sorted(unknown)}")
+        optimizer_payload = {
+            "type": type(optimizer).__name__,
+            "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()
+                              if k != "params"} for group in optimizer.param_groups],
+            "row_state": {key: value.detach().cpu() for key, value in state.items()},
+        }
+    payload = {
+        "format_version": FC_FORMAT_VERSION,
+        "num_classes": part.num_classes,
+        "embedding_size": pfc.embedding_size,
+        "world_size": part.world_size,
+        "rank": part.rank,
+        "class_start": part.class_start,
+        "num_local": part.num_local,
+        "weight": pfc.weight.detach().cpu(),
+        "sampler_rng": pfc.generator.get_state(),
+        "optimizer": optimizer_payload,
+    }
+    final = directory / shard_filename(part.rank, part.world_size)
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def list_fc_shards(directory: str | os.PathLike[str]) -> list[Path]:
+    """The complete set of shard files in ``directory``, in rank order (raises if incomplete)."""
+    directory = Path(directory)
+    found: dict[int, dict[int, Path]] = {}
+    for path in directory.iterdir() if directory.is_dir() else []:
+        match = _SHARD_RE.match(path.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
+    if not found:
+        raise FCCheckpointError(f"{directory}: no FC shard files (fc_shard_RRRRR-of-WWWWW.pt)")
+    if len(found) > 1:
+        raise FCCheckpointError(f"{directory}: FC shards from several world sizes {sorted(found)}")
+    (world_size, by_rank), = found.items()
+    missing = [shard_filename(r, world_size) for r in range(world_size) if r not in by_rank]
+    if missing:
+        raise FCCheckpointError(f"{directory}: incomplete FC checkpoint, missing {', '.join(missing[:5])}")
+    return [by_rank[r] for r in range(world_size)]
+
+
+def _load_shard(path: Path) -> dict[str, Any]:
+    try:
+        # mmap: only the pages of the rows this rank copies are ever read.
+        shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # corrupt / truncated / not a torch file
+        raise FCCheckpointError(f"{path}: cannot read FC shard ({exc})") from exc
+    for key in ("format_version", "num_classes", "embedding_size", "world_size", "rank", "class_start",
+                "num_local", "weight", "optimizer"):
+        if key not in shard:
+            raise FCCheckpointError(f"{path}: FC shard lacks key {key!r}")
+    if shard["format_version"] != FC_FORMAT_VERSION:
+        raise FCCheckpointError(f"{path}: format_version {shard['format_version']} is not supported "
+                                f"(expected {FC_FORMAT_VERSION})")
+    if tuple(shard["weight"].shape) != (shard["num_local"], shard["embedding_size"]):
+        raise FCCheckpointError(f"{path}: weight shape {tuple(shard['weight'].shape)} does not match "
+                                f"num_local={shard['num_local']}, embedding_size={shard['embedding_size']}")
+    return shard
+
+
+@torch.no_grad()
+def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
+                      optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Fill ``pfc``'s shard (and ``optimizer``'s row state and hyper-parameters) from ``directory``.
+
+    Works for any saving world size. The negative sampler's RNG state is restored only when the world
+    size is unchanged (otherwise each rank keeps its freshly seeded stream). Returns
+    ``{"saved_world_size": int, "resharded": bool}``.
+    """
+    paths = list_fc_shards(directory)
+    shards = [_load_shard(p) for p in paths]
+    part = pfc.partition
+    expected_start = 0
+    for path, shard in zip(paths, shards):
+        if shard["num_classes"] != part.num_classes:
+            raise FCCheckpointError(f"{path}: num_classes {shard['num_classes']} differs from the model's "
+                                    f"{part.num_classes}")
+        if shard["embedding_size"] != pfc.embedding_size:
+            raise FCCheckpointError(f"{path}: embedding_size {shard['embedding_size']} differs from the "
+                                    f"model's {pfc.embedding_size}")
+        if shard["class_start"] != expected_start:
+            raise FCCheckpointError(f"{path}: class_start {shard['class_start']} leaves a gap or overlap "
+                                    f"(expected {expected_start})")
+        expected_start += shard["num_local"]
+    if expected_start != part.num_classes:
+        raise FCCheckpointError(f"{directory}: shards cover {expected_start} classes, not {part.num_classes}")
+
+    if optimizer is not None:
+        _check_optimizer(pfc, optimizer)
+        for path, shard in zip(paths, shards):
+            saved = shard["optimizer"]
+            if saved is None:
+                raise FCCheckpointError(f"{path}: no optimizer state was saved with this FC shard")
+            if saved["type"] != type(optimizer).__name__:
+                raise FCCheckpointError(f"{path}: optimizer type {saved['type']} differs from "
+                                        f"{type(optimizer).__name__}")
+
+    start, end = part.class_start, part.class_end
+    weight = torch.empty_like(pfc.weight, device="cpu")
+    row_state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        lo, hi = max(start, shard["class_start"]), min(end, shard["class_start"] + shard["num_local"])
+        if lo >= hi:
+            continue
+        src = slice(lo - shard["class_start"], hi - shard["class_start"])
+        dst = slice(lo - start, hi - start)
+        weight[dst] = shard["weight"][src]
+        if optimizer is not None:
+            for key, value in shard["optimizer"]["row_state"].items():
+                if key not in row_state:
+                    # Rows from shards that never stepped stay zero: zero momentum / moments / step
+                    # count is exactly "no history" for RowSGD and RowAdamW.
+                    row_state[key] = torch.zeros((part.num_local, *value.shape[1:]), dtype=value.dtype)
+                row_state[key][dst] = value[src]
+    pfc.weight.copy_(weight)
+
+    if optimizer is not None:
+        saved_groups = shards[0]["optimizer"]["param_groups"]
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise FCCheckpointError(f"{paths[0]}: {len(saved_groups)} optimizer param groups, "
+                                    f"expected {len(optimizer.param_groups)}")
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            for key, value in saved.items():
+                group[key] = tuple(value) if key == "betas" else value
+        optimizer.state[pfc.weight] = {key: value.to(pfc.weight.device) for key, value in row_state.items()}
+
+    saved_world_size = shards[0]["world_size"]
+    same_layout = saved_world_size == part.world_size
+    if same_layout and "sampler_rng" in shards[part.rank]:
+        pfc.generator.set_state(shards[part.rank]["sampler_rng"].clone())
+    return {"saved_world_size": saved_world_size, "resharded": not same_layout}
