@@ -128,10 +128,13 @@ def _threshold_for_far_on_train(distances: np.ndarray, issame: np.ndarray, thres
     far = np.where(n_impostor > 0, fp / np.maximum(n_impostor, 1), 0.0)
     if far.max() < far_target:
         return 0.0
-    # FAR is non-decreasing in the threshold; on a plateau keep its largest threshold (the one that
-    # accepts the most genuine pairs at that FAR) so the interpolation knots are strictly increasing.
-    keep = np.r_[far[1:] != far[:-1], True]
-    return float(np.interp(far_target, far[keep], thresholds[keep]))
+    # Interpolate between the two adjacent grid thresholds whose FARs bracket the target (FAR is
+    # non-decreasing in the threshold); this is what the reference's linear interp1d does.
+    upper = int(np.argmax(far >= far_target))
+    if upper == 0 or far[upper] == far[upper - 1]:
+        return float(thresholds[upper])
+    weight = (far_target - far[upper - 1]) / (far[upper] - far[upper - 1])
+    return float(thresholds[upper - 1] + weight * (thresholds[upper] - thresholds[upper - 1]))
 
 
 def val_at_far(distances: np.ndarray, issame: np.ndarray | Sequence[bool], far_target: float = 1e-3,
