@@ -23,7 +23,8 @@ Memory per rank (fp32, ``D`` = embedding size, ``B`` = global batch, ``k`` = sam
     weights          4 * num_local * D
     optimizer state  4 * num_local * D  (SGD momentum)  or  8 * num_local * D + 4 * num_local (AdamW)
     gradient         4 * num_local * D  (dense update)  or  (4 * D + 8) * k  (sparse rows + indices)
-    activations      ~ 8 * k * D (sampled + normalised rows) + 12 * B * k (cos_theta, logits, softmax)
+    activations      ~ 8 * k * D (sampled + normalised rows; 4 * k * D at rate 1)
+                       + 12 * B * k (cos_theta, logits, softmax) + 8 * B * D (gathered embeddings)
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class DistributedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         probs, local_targets, owned_rows = ctx.saved_tensors
-        grad = probs.clone() if ctx.needs_input_grad[0] else probs
+        # The saved softmax is consumed in place: the graph is freed after one backward anyway.
+        grad = probs
         grad[owned_rows, local_targets[owned_rows]] -= 1.0
         grad.mul_(grad_output / probs.shape[0])
         return grad, None, None
@@ -146,10 +148,6 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, update: str = "sparse", device: torch.device | str | None = None,
                  seed: int = 0, init_std: float = 0.01, check_labels: bool = True) -> None:
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"fc.sample_rate must be in (0, 1], got {sample_rate}")
-        if update not in ("sparse", "dense"):
-            raise ValueError(f"fc.update must be 'sparse' or 'dense', got {update!r}")
         if embedding_size < 1:
             raise ValueError(f"backbone.embedding_size must be >= 1, got {embedding_size}")
         if partition.world_size != get_world_size():
@@ -161,18 +159,27 @@ class PartialFC(nn.Module):
         self.partition = partition
         self.embedding_size = embedding_size
         self.margin = margin
-        self.sample_rate = float(sample_rate)
-        self.update = update
         self.seed = seed
         self.check_labels = check_labels
         self.weight = nn.Parameter(init_fc_weight(partition, embedding_size, seed, init_std, device))
-        self.num_sample = min(partition.num_local,
-                              max(1, int(math.floor(self.sample_rate * partition.num_local + 1e-6))))
+        self.set_sampling(sample_rate, update)
         # Seeded per rank so that runs are reproducible; its state is saved with the FC shard.
         self.generator = torch.Generator(device=self.weight.device)
         self.generator.manual_seed(seed * 1_000_003 + 7919 * partition.rank + 1)
         #: local rows used in the last forward (sorted), for inspection and tests.
         self.sampled_rows: torch.Tensor | None = None
+
+    def set_sampling(self, sample_rate: float, update: str) -> None:
+        """(Re)configure the sample rate and update mode; the shard and the sampler RNG are kept."""
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"fc.sample_rate must be in (0, 1], got {sample_rate}")
+        if update not in ("sparse", "dense"):
+            raise ValueError(f"fc.update must be 'sparse' or 'dense', got {update!r}")
+        self.sample_rate = float(sample_rate)
+        self.update = update
+        num_local = self.partition.num_local
+        # floor (with a little slack for binary fractions such as 0.3 * 10), never below one row.
+        self.num_sample = min(num_local, max(1, int(math.floor(self.sample_rate * num_local + 1e-6))))
 
     @property
     def sampling(self) -> bool:
@@ -272,5 +279,7 @@ class PartialFC(nn.Module):
             "weights": 4 * num_local * dim,
             "optimizer": 4 * num_local * dim if optimizer == "sgd" else 8 * num_local * dim + 4 * num_local,
             "gradient": (4 * dim + 8) * k if sampled_update else 4 * num_local * dim,
-            "activations": 8 * k * dim + 12 * global_batch * k + 8 * global_batch * dim,
+            # sampled rows (only when sampling) + their normalised copy; cos_theta, logits, softmax
+            "activations": (8 if self.sampling else 4) * k * dim + 12 * global_batch * k
+            + 8 * global_batch * dim,
         }

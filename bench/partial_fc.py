@@ -1,0 +1,250 @@
+"""Step time and peak memory of the sharded Partial FC (forward + backward + optimiser step).
+
+    python bench/partial_fc.py            # C in {100k, 1M, 2M} x D 512 x global batch 256
+    python bench/partial_fc.py --quick    # C in {10k, 100k}, D 128, < 60 s
+
+One process (W = 1, so one rank holds all C classes; a W-rank run holds C / W per rank and adds three
+all-reduces of B floats plus one all-gather of B x D). Rates 1.0, 0.3, 0.1, sparse vs dense update, SGD
+with momentum. Reference in the same run: a plain dense classifier (``F.linear`` of normalised
+features and weights + ``F.cross_entropy`` + ``torch.optim.SGD``) at each C. Peak memory is the
+process's peak RSS growth on CPU (VmHWM, reset per configuration) or ``max_memory_allocated`` on
+CUDA, next to the documented formula (``PartialFC.memory_bytes``). Configurations whose formula
+exceeds ``--mem-limit-gb`` are skipped (and listed) so the benchmark cannot exhaust a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from arcface.partial_fc import PartialFC  # noqa: E402
+from arcface.partition import ClassPartition  # noqa: E402
+
+
+class _ArcFace(nn.Module):
+    """s * cos(theta + m) at the target: a stand-in used only until arcface.margins exists."""
+
+    def __init__(self, scale: float = 64.0, margin: float = 0.5) -> None:
+        super().__init__()
+        self.scale, self.margin = scale, margin
+
+    def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = (labels >= 0).nonzero().squeeze(1)
+        target = cos_theta[rows, labels[rows]].clamp(-1 + 1e-7, 1 - 1e-7)
+        logits = cos_theta.index_put((rows, labels[rows]), torch.cos(torch.acos(target) + self.margin))
+        return logits.mul_(self.scale)
+
+
+def _margin() -> nn.Module:
+    try:
+        from arcface.margins import build_margin
+    except ImportError:
+        return _ArcFace()
+    return build_margin("arcface")
+
+
+class PeakMemory:
+    """Peak memory since :meth:`reset`: CUDA allocator stats, or the process's VmHWM on Linux."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self._status("VmRSS")
+
+    def reset(self) -> int:
+        """Start a new peak window; returns the memory in use now."""
+        gc.collect()
+        if self.device.type == "cpu":
+            try:  # hand freed heap back to the OS so RSS tracks live tensors
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS (VmHWM) to now
+        return self.current()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._status("VmHWM")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, warmup: int, repeats: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], args, device: torch.device,
+                   memory: PeakMemory) -> list[dict]:
+    rows: list[dict] = []
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(batch, dim, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    pfc = PartialFC(ClassPartition(num_classes, 1, 0), dim, _margin(), device=device, seed=0,
+                    check_labels=False)
+    gib = 1024 ** 3
+
+    # Reference: the dense classifier, plain PyTorch.
+    # weights, normalised copy, gradient, momentum + cos_theta, logits and softmax (fp32)
+    ref_mb = (4 * 4 * num_classes * dim + 12 * batch * num_classes) / 2 ** 20
+    ref_ms = float("nan")
+    if ref_mb * 2 ** 20 <= args.mem_limit_gb * gib:
+        weight = nn.Parameter(pfc.weight.detach().clone())
+        optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        margin = _margin()
+
+        def ref_step(optimizer: torch.optim.Optimizer = optimizer, weight: nn.Parameter = weight) -> None:
+            optimizer.zero_grad()
+            cos_theta = F.linear(F.normalize(embeddings), F.normalize(weight))
+            F.cross_entropy(margin(cos_theta, labels), labels).backward()
+            optimizer.step()
+
+        ref_ms = 1000 * time_steps(ref_step, args.warmup, args.repeats, device)
+        del weight, optimizer
+        gc.collect()
+
+    for rate in rates:
+        for update in (("sparse",) if rate == 1.0 else ("sparse", "dense")):
+            pfc.set_sampling(rate, update)
+            formula = pfc.memory_bytes(batch, "sgd")
+            total = sum(formula.values())
+            row = {"C": num_classes, "rate": rate, "update": update if rate < 1.0 else "-",
+                   "rows": pfc.num_sample, "formula_mb": total / 2 ** 20, "ref_ms": ref_ms}
+            if total > args.mem_limit_gb * gib:
+                row.update(ms=float("nan"), peak_mb=float("nan"), skipped=True)
+                rows.append(row)
+                continue
+            optimizer = pfc.build_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+            in_use = memory.reset()
+
+            def step(optimizer: torch.optim.Optimizer = optimizer) -> None:
+                optimizer.zero_grad()
+                pfc(embeddings, labels).backward()
+                optimizer.step()
+
+            row["ms"] = 1000 * time_steps(step, args.warmup, args.repeats, device)
+            # The shard was resident before the window opened; everything else is growth within it.
+            row["peak_mb"] = (memory.peak() - in_use + formula["weights"]) / 2 ** 20
+            row["skipped"] = False
+            rows.append(row)
+            print(f"  C={num_classes:>9,} rate={rate:<4} {row['update']:<6} {row['ms']:9.1f} ms "
+                  f"peak {row['peak_mb']:8.0f} MB (formula {row['formula_mb']:8.0f} MB)", flush=True)
+            del optimizer
+            pfc.weight.grad = None
+            gc.collect()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("| classes | rate | update | sampled rows | step ms | dense ref ms | ours / ref | peak MB | "
+          "formula MB | peak / formula |")
+    print("|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["skipped"]:
+            print(f"| {r['C']:,} | {r['rate']} | {r['update']} | {r['rows']:,} | skipped (formula > limit) | "
+                  f"| | | {r['formula_mb']:.0f} | |")
+            continue
+        ratio = r["ms"] / r["ref_ms"] if not math.isnan(r["ref_ms"]) else float("nan")
+        print(f"| {r['C']:,} | {r['rate']} | {r['update']} | {r['rows']:,} | {r['ms']:.1f} | "
+              f"{r['ref_ms']:.1f} | {ratio:.2f} | {r['peak_mb']:.0f} | {r['formula_mb']:.0f} | "
+              f"{r['peak_mb'] / r['formula_mb']:.2f} |")
+
+
+def print_goals(rows: list[dict]) -> None:
+    def find(c: int, rate: float, update: str) -> dict | None:
+        for r in rows:
+            if r["C"] == c and r["rate"] == rate and r["update"] == update and not r["skipped"]:
+                return r
+        return None
+
+    sizes = sorted({r["C"] for r in rows})
+    if len(sizes) < 2:
+        return
+    small, big = sizes[0], sizes[1]
+    print("\nGoals (issue 5):")
+    a, b = find(big, 0.1, "sparse"), find(small, 0.1, "sparse")
+    if a and b:
+        print(f"  rate 0.1 sparse, step time at {big:,} / at {small:,} classes: {a['ms'] / b['ms']:.2f}x "
+              f"(goal <= 1.5x; note the sampled rows also grow {big // small}x)")
+    c = find(small, 1.0, "-")
+    if a and c:
+        print(f"  same sampled rows: {big:,} @ 0.1 sparse / {small:,} @ 1.0: {a['ms'] / c['ms']:.2f}x "
+              f"(the O(sampled rows) claim; goal <= 1.5x)")
+    d = find(big, 0.1, "dense")
+    if a and d:
+        print(f"  {big:,} classes @ 0.1: dense update / sparse update: {d['ms'] / a['ms']:.2f}x (goal >= 3x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 60 s)")
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="class counts")
+    parser.add_argument("--dim", type=int, default=None, help="embedding size (512; 128 with --quick)")
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 0.3, 0.1])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (2; 3 with --quick)")
+    parser.add_argument("--mem-limit-gb", type=float, default=12.0,
+                        help="skip configurations whose formula memory exceeds this")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    classes = args.classes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000, 2_000_000])
+    dim = args.dim or (128 if args.quick else 512)
+    args.repeats = args.repeats or (3 if args.quick else 2)
+    if any(c < 1 for c in classes) or dim < 1 or args.batch < 1:
+        parser.error("--classes, --dim and --batch must be positive")
+    if any(not 0 < r <= 1 for r in args.rates):
+        parser.error("--rates must be in (0, 1]")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    print(f"Partial FC benchmark: W=1 (one process), device {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, D={dim}, global batch {args.batch}, SGD momentum, "
+          f"{args.warmup} warm-up + {args.repeats} timed steps", flush=True)
+    memory = PeakMemory(device)
+    rows: list[dict] = []
+    for num_classes in classes:
+        rows.extend(bench_one_size(num_classes, dim, args.batch, args.rates, args, device, memory))
+        gc.collect()
+    print_table(rows)
+    print_goals(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
