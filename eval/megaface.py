@@ -39,7 +39,8 @@ import torch
 from eval import metrics
 
 __all__ = ["FEATURE_HEADER", "NOISE_VALUE", "write_feature", "read_feature", "feature_path",
-           "write_feature_folder", "read_feature_folder", "load_image_list", "load_noise_list",
+           "write_feature_folder", "read_feature_folder", "load_image_list", "load_noise_list", "noise_mask",
+           "normalise_rows_inplace",
            "refine_probes", "SearchResult", "search_distractors", "MegaFaceResult", "evaluate_megaface",
            "write_devkit_features", "overlapping_identities"]
 
@@ -167,7 +168,8 @@ def load_noise_list(path: str | os.PathLike[str]) -> set[str]:
         raise ValueError(f"{path}: cannot read noise list ({exc.strerror or exc})") from None
 
 
-def _noise_mask(names: Sequence[str], noise: set[str]) -> np.ndarray:
+def noise_mask(names: Sequence[str], noise: set[str]) -> np.ndarray:
+    """True for list entries on the noise list (by full name or base name)."""
     return np.array([n in noise or os.path.basename(n) in noise for n in names], dtype=bool)
 
 
