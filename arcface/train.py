@@ -31,6 +31,7 @@ After the update, in this order: the log line (so it reports the update just mad
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from arcface.distributed import (
     destroy_distributed,
     init_distributed,
     scale_gradient,
+    select_device,
 )
 from arcface.logging_utils import MetricLogger
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
@@ -116,6 +118,29 @@ class _StopRequest:
         flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
+
+
+def _init_distributed(cfg: TrainConfig) -> DistContext:
+    """:func:`arcface.distributed.init_distributed`, isolating each torchrun restart attempt's keys.
+
+    Why: after a worker dies, ``torchrun --max-restarts`` starts new workers that rendezvous through the
+    SAME agent-hosted TCPStore as the dead ones. Without a prefix, a new rank can read the previous
+    attempt's keys (e.g. the dead peer's gloo listening address) before its peer overwrites them and
+    then fails with "connection refused". A ``/attempt_N`` prefix keeps attempts apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt not in (None, "0") and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        device = select_device(cfg.runtime.device)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = dt.timedelta(seconds=1800)
+        agent_hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=not agent_hosted and rank == 0, timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout, **kwargs)
+    return init_distributed(device=cfg.runtime.device)
 
 
 def _build_backbone(cfg: TrainConfig) -> nn.Module:
@@ -179,7 +204,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     ``best`` and ``world_size``.
     """
     # ---------------------------------------------------------------- build
-    ctx = init_distributed(device=cfg.runtime.device)
+    ctx = _init_distributed(cfg)
     rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     output_dir = Path(cfg.output.dir)
     checkpoints_dir = output_dir / CHECKPOINTS_DIR
