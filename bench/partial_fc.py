@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 0.3, 0.1])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (2; 3 with --quick)")
-    parser.add_argument("--mem-limit-gb", type=float, default=12.0,
+    parser.add_argument("--mem-limit-gb", type=float, default=8.0,
                         help="skip configurations whose formula memory exceeds this")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
