@@ -1,1 +1,84 @@
-"""Single-device face-recognition backbones behind one registry (``create_backbone``)."""
+"""Single-device face-recognition backbones behind one registry.
+
+    >>> from backbones import create_backbone, list_backbones
+    >>> model = create_backbone("r100", embedding_size=512)   # LResNet100E-IR
+
+Every backbone takes NCHW float32 RGB input normalised as ``(pixel - 127.5) / 127.5`` (see
+``arcface.preprocess``), 112x112, and returns the raw (unnormalised) embedding ``[batch, D]``.
+Common options: ``embedding_size``, ``dropout`` (before the embedding FC), ``gradient_checkpointing``.
+Backbones never touch devices, autocast or process groups: the trainer applies those from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from backbones.iresnet import LAYOUTS, IResNet
+from backbones.mobilefacenet import MobileFaceNet
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, *aliases: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a backbone factory under ``name`` (and aliases) to the registry."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = factory
+        for alias in aliases:
+            _ALIASES[alias.lower()] = name
+        return factory
+
+    return wrap
+
+
+def _iresnet_factory(layout: str) -> Callable[..., nn.Module]:
+    def build(**kwargs: object) -> nn.Module:
+        return IResNet(LAYOUTS[layout], **kwargs)  # type: ignore[arg-type]
+
+    build.__doc__ = f"IResNet-{layout[1:]} with blocks {LAYOUTS[layout]}."
+    return build
+
+
+for _layout in LAYOUTS:
+    _aliases = [f"iresnet{_layout[1:]}"] + (["LResNet100E-IR"] if _layout == "r100" else [])
+    register(_layout, *_aliases)(_iresnet_factory(_layout))
+register("mobilefacenet", "mbf")(MobileFaceNet)
+
+
+def canonical_name(name: str) -> str:
+    """Registry name for ``name`` or one of its aliases (case-insensitive)."""
+    if name in _REGISTRY:
+        return name
+    key = name.lower()
+    if key in _REGISTRY:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    known = ", ".join(list_backbones())
+    raise ValueError(f"unknown backbone {name!r}; known backbones: {known} "
+                     f"(aliases: {', '.join(sorted(_ALIASES))})")
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names (aliases excluded)."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, *, embedding_size: int = 512, dropout: float = 0.0,
+                    gradient_checkpointing: bool = False, **kwargs: object) -> nn.Module:
+    """Build a registered backbone by name or alias."""
+    if embedding_size < 1:
+        raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    factory = _REGISTRY[canonical_name(name)]
+    return factory(embedding_size=embedding_size, dropout=dropout,
+                   gradient_checkpointing=gradient_checkpointing, **kwargs)
+
+
+__all__ = ["create_backbone", "list_backbones", "canonical_name", "register", "IResNet", "MobileFaceNet"]
