@@ -250,8 +250,26 @@ class PartialFC(nn.Module):
                 rows, targets, sampled_weight = None, local_targets, self.weight
             self.sampled_rows = rows
             cos_theta = F.linear(F.normalize(total_embeddings), F.normalize(sampled_weight))
-            logits = self.margin(cos_theta, targets).float()
+            logits = self.margin(cos_theta, targets, **self._margin_inputs(total_embeddings, cos_theta,
+                                                                          targets, distributed)).float()
             return distributed_cross_entropy(logits, targets, distributed)
+
+    def _margin_inputs(self, total_embeddings: torch.Tensor, cos_theta: torch.Tensor, targets: torch.Tensor,
+                       distributed: bool) -> dict[str, torch.Tensor]:
+        """Global per-row statistics some margins need (see arcface.margins): AdaFace's embedding norms
+        (every rank has all of them after the all-gather) and CurricularFace's per-row target cosine,
+        which lives on the target's owner only and is summed across ranks (zeros elsewhere)."""
+        inputs: dict[str, torch.Tensor] = {}
+        if getattr(self.margin, "needs_embedding_norms", False):
+            inputs["embedding_norms"] = total_embeddings.detach().norm(dim=1)
+        if getattr(self.margin, "needs_row_target_cos", False):
+            has_target = targets >= 0
+            local = cos_theta.detach().gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+            row_target_cos = torch.where(has_target, local, torch.zeros_like(local))
+            if distributed:
+                dist.all_reduce(row_target_cos)
+            inputs["row_target_cos"] = row_target_cos
+        return inputs
 
     def sampled_classes(self) -> torch.Tensor:
         """Global class ids of the rows used in the last forward (all of the shard without sampling)."""

@@ -46,7 +46,15 @@ MARGINS = {"arcface": (64.0, 1.0, 0.5, 0.0), "cosface": (64.0, 1.0, 0.0, 0.35),
            "combined": (64.0, 1.0, 0.3, 0.2)}
 
 
+# Margins whose batch statistics the sharded classifier must supply (arcface.margins hooks).
+STATEFUL_MARGINS = ("adaface", "curricularface")
+
+
 def make_margin(kind: str) -> nn.Module:
+    if kind in STATEFUL_MARGINS:
+        from arcface.margins import build_margin
+
+        return build_margin(kind)
     scale, m1, m2, m3 = MARGINS[kind]
     if _RealCombinedMargin is not None:
         return _RealCombinedMargin(scale, m1, m2, m3)
@@ -59,7 +67,9 @@ def dense_reference(embeddings: torch.Tensor, labels: torch.Tensor, weight: torc
     embeddings = embeddings.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     cos_theta = F.linear(F.normalize(embeddings), F.normalize(weight))
-    loss = F.cross_entropy(margin(cos_theta, labels), labels)
+    extra = {"embedding_norms": embeddings.detach().norm(dim=1)} if getattr(margin, "needs_embedding_norms",
+                                                                             False) else {}
+    loss = F.cross_entropy(margin(cos_theta, labels, **extra), labels)
     loss.backward()
     return loss.detach(), embeddings.grad, weight.grad
 
@@ -222,7 +232,7 @@ def _sharded_worker(rank: int, world_size: int, embeddings: torch.Tensor, labels
     batch = embeddings.shape[0] // world_size
     mine = slice(rank * batch, (rank + 1) * batch)
     out: dict = {}
-    for kind in sorted(MARGINS):
+    for kind in sorted(MARGINS) + list(STATEFUL_MARGINS):
         pfc = PartialFC(part, embeddings.shape[1], make_margin(kind), seed=11)
         local = embeddings[mine].clone().requires_grad_()
         loss = pfc(local, labels[mine])
@@ -322,7 +332,7 @@ def test_sharded_fc_equals_dense_single_process(world_size: int, num_classes: in
     results = run_distributed(_sharded_worker, world_size, (embeddings, labels, num_classes), timeout_s=180)
     parts = ClassPartition(num_classes, world_size, 0).all_ranks()
     assert [r["arcface"]["weight"].shape[0] for r in results] == [p.num_local for p in parts]
-    for kind in sorted(MARGINS):
+    for kind in sorted(MARGINS) + list(STATEFUL_MARGINS):
         full_weight = torch.cat([r[kind]["weight"] for r in results])
         ref_loss, ref_egrad, ref_wgrad = dense_reference(embeddings, labels, full_weight, make_margin(kind))
         for rank, (res, part) in enumerate(zip(results, parts)):
