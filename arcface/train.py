@@ -201,7 +201,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     The summary holds ``step``, ``total_steps``, ``epoch``, ``losses`` (the loss of each update of this
     invocation, NaN for skipped ones), ``checkpoint`` (the last one written), ``resumed_from``,
     ``stopped_by`` (signal number or None), ``nonfinite_total``, ``verification`` (last results),
-    ``best`` and ``world_size``.
+    ``best``, ``world_size``, ``loop_seconds`` (wall time of the loop) and ``data_wait_seconds`` (of it,
+    time this rank waited for data).
     """
     # ---------------------------------------------------------------- build
     ctx = _init_distributed(cfg)
@@ -288,6 +289,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
 
     # ---------------------------------------------------------------- loop
+    loop_started = time.perf_counter()
     try:
         while state.step < stop_at:
             lr = lr_at(state.step, cfg, total_steps, base_lr, steps_per_epoch=steps_per_epoch)
@@ -384,7 +386,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             "resumed_from": resume_path or None,
             "stopped_by": stopped_by, "nonfinite_total": state.nonfinite_total,
             "verification": {name: r.to_dict() for name, r in verification.items()}, "best": state.best,
-            "world_size": world_size}
+            "world_size": world_size, "loop_seconds": time.perf_counter() - loop_started,
+            "data_wait_seconds": float(getattr(loader, "total_wait_seconds", 0.0))}
 
 
 def _build_loader(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> Any:
