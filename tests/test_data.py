@@ -284,3 +284,35 @@ def test_synthetic_mode_is_fixed_and_resumable():
     again.load_state_dict({**loader.state_dict(), "epoch": 0, "consumed": 5 * 16})
     resumed = _collect(again, 1)[0]
     assert torch.equal(resumed[0], batches[5][0]) and torch.equal(resumed[1], batches[5][1])
+
+
+_FORK_SCRIPT = """
+import sys, cv2, numpy as np
+import arcface.data
+from arcface.config import load_config
+from arcface.data import build_train_loader
+_init = arcface.data._worker_init
+def worker_init(worker_id):  # worker code that configures OpenCV: hangs if the parent's pool was inherited
+    cv2.setNumThreads(1)
+    _init(worker_id)
+arcface.data._worker_init = worker_init
+cv2.setNumThreads(2)
+cv2.GaussianBlur(np.zeros((2000, 2000, 3), np.uint8), (0, 0), 3.0)  # the parent's OpenCV pool is running
+loader = build_train_loader(load_config(None, [f"data.rec={sys.argv[1]}", "data.num_workers=2",
+                                              "runtime.batch_size=4", "data.blur_prob=1.0"]), 0, 1, "cpu")
+print(sum(images.shape[0] for images, _ in loader))
+loader.close()
+"""
+
+
+def test_workers_do_not_deadlock_after_the_parent_used_threaded_opencv(tiny_rec):
+    """Regression: forked workers used to hang in their first OpenCV call (inherited thread-pool locks)."""
+    import subprocess
+    import sys
+
+    rec, _, _ = tiny_rec
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(rec)], cwd=root, capture_output=True,
+                            text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "24"
