@@ -132,17 +132,13 @@ class BackboneConfig(_Section):
         _check(self.embedding_size > 0, self._key("embedding_size"), "must be > 0", self.embedding_size)
         _check(0.0 <= self.dropout < 1.0, self._key("dropout"), "must be in [0, 1)", self.dropout)
         try:  # the registry needs torch; skip the check only where backbones cannot be imported at all
-            from backbones import list_backbones
+            from backbones import canonical_name
         except ImportError:
             return
-        known = list_backbones()
-        if self.name not in known and self.name.lower() not in [k.lower() for k in known]:
-            try:  # aliases (e.g. "LResNet100E-IR") are resolved by the registry itself
-                from backbones import resolve_name  # type: ignore[attr-defined]
-                resolve_name(self.name)
-            except Exception:
-                raise ValueError(f"backbone.name must be one of {', '.join(known)}, "
-                                 f"got {self.name!r}") from None
+        try:  # aliases such as "LResNet100E-IR" or "iresnet100" are resolved by the registry
+            canonical_name(self.name)
+        except ValueError as exc:
+            raise ValueError(f"backbone.name: {exc}") from None
 
 
 @dataclass

@@ -53,20 +53,30 @@ def test_recipes_say_what_their_names_promise():
 
 
 def test_recipe_backbones_are_registered():
-    backbones = pytest.importorskip("backbones")
-    if not hasattr(backbones, "create_backbone"):
-        pytest.skip("backbone registry not committed yet")
+    from backbones import canonical_name, list_backbones
+
     for path in RECIPES:
-        assert load_config(path).backbone.name in backbones.list_backbones(), path
+        assert canonical_name(load_config(path).backbone.name) in list_backbones(), path
+    with pytest.raises(ValueError, match="backbone.name: unknown backbone 'r101'"):
+        load_config(None, ["backbone.name=r101"])
+    assert load_config(None, ["backbone.name=LResNet100E-IR"]).backbone.name == "LResNet100E-IR"
 
 
-def test_margin_names_match_the_margin_presets():
-    try:
-        from arcface import margins
-    except ImportError:
-        pytest.skip("arcface.margins not committed yet")
-    presets = set(margins.MARGIN_PRESETS)
-    assert set(config_module.MARGIN_NAMES) <= presets | {"am-softmax"}
+def test_every_margin_name_builds_from_the_config():
+    from arcface import margins
+
+    assert set(config_module.MARGIN_NAMES) == set(margins.MARGIN_PRESETS)
+    neutral = {"loss.m1": "1.0", "loss.m2": "0.0", "loss.m3": "0.0"}
+    free = {"sphereface": ("loss.m1", "1.35"), "arcface": ("loss.m2", "0.5"), "cosface": ("loss.m3", "0.4"),
+            "am-softmax": ("loss.m3", "0.35"), "combined": ("loss.m2", "0.3")}
+    for name in config_module.MARGIN_NAMES:
+        values = dict(neutral)
+        if name in free:
+            values[free[name][0]] = free[name][1]
+        cfg = load_config(None, [f"loss.margin={name}", *(f"{k}={v}" for k, v in values.items())])
+        module = margins.build_margin(cfg.loss.margin, **cfg.loss.margin_kwargs())
+        if isinstance(module, margins.CombinedMargin):  # the config's margins win over the preset's
+            assert (module.m1, module.m2, module.m3) == (cfg.loss.m1, cfg.loss.m2, cfg.loss.m3)
 
 
 def test_overrides_are_parsed_by_field_type():
