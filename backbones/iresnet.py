@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from backbones.common import run_stage
 
 BN_EPS = 1e-5
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -109,8 +110,5 @@ class IResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            x = run_stage(stage, x, self.gradient_checkpointing)
         return self.head(x)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from backbones.common import run_stage
 
 
 class ConvBNPReLU(nn.Sequential):
@@ -97,9 +98,6 @@ class MobileFaceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            x = run_stage(stage, x, self.gradient_checkpointing)
         x = self.gdc(self.conv_sep(x))
         return self.features(self.fc(self.dropout(torch.flatten(x, 1))))
