@@ -146,8 +146,10 @@ def _init_distributed(cfg: TrainConfig) -> DistContext:
 def _build_backbone(cfg: TrainConfig) -> nn.Module:
     from backbones import create_backbone
 
-    return create_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
-                           dropout=cfg.backbone.dropout)
+    kwargs = {"embedding_size": cfg.backbone.embedding_size, "dropout": cfg.backbone.dropout}
+    if cfg.backbone.gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
+    return create_backbone(cfg.backbone.name, **kwargs)
 
 
 def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
