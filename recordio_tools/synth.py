@@ -596,7 +596,9 @@ def generate_folder(out_dir: str | os.PathLike, identities: int, images_per_iden
         summary = SynthSummary(str(out), first_identity, identities, images_per_identity, seed, written,
                                seconds)
         record = asdict(summary)
-        record.pop("seconds")  # the record describes content; timing would make identical runs differ
+        # The record describes content only: timing and location would make identical folders differ.
+        record.pop("seconds")
+        record.pop("out_dir")
         (tmp / MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
