@@ -281,12 +281,14 @@ def _render_layer(traits: IdentityTraits,
     feature_shift = 3.0 * yaw
     mouth_c = np.array([_MOUTH_CX + 4.0 * yaw, traits.mouth_y + 1.8 * pitch])
     if traits.beard in (1, 2):
-        lower = contour[contour[:, 1] > traits.nose[1] + (6 if traits.beard == 2 else 10)]
+        # The contour runs clockwise from the right cheek (angle 0) under the chin to the left cheek, so
+        # its points below the cut are one contiguous run; close it over the upper lip, left to right.
+        cut = traits.nose[1] + (6 if traits.beard == 2 else 10)
+        lower = contour[(contour[:, 1] > cut) & (np.arange(len(contour)) < len(contour) // 2)]
         strength = 0.35 if traits.beard == 1 else 0.85
-        beard = np.concatenate([lower, [[mouth_c[0] + traits.mouth_half, mouth_c[1] - 6],
-                                        [mouth_c[0] - traits.mouth_half, mouth_c[1] - 6]]])
-        _fill(layer, None, beard[np.argsort(np.arctan2(beard[:, 1] - cy, beard[:, 0] - cx))],
-              _mix(skin, hair, strength))
+        beard = np.concatenate([lower, [[mouth_c[0] - traits.mouth_half - 2, mouth_c[1] - 5],
+                                        [mouth_c[0] + traits.mouth_half + 2, mouth_c[1] - 5]]])
+        _fill(layer, None, beard, _mix(skin, hair, strength))
     if traits.beard in (2, 3):
         mx, my, mh = mouth_c[0], mouth_c[1], traits.mouth_half
         moustache = np.array([[mx - mh - 1, my - 1], [mx, my - 6.5], [mx + mh + 1, my - 1], [mx, my - 3.5]])
