@@ -4,7 +4,8 @@ Every margin here is a single-device module ``forward(cos_theta [B, N], labels [
 where ``labels[i]`` is the *column* of row i's target class among these N columns, or ``-1`` when the
 target is not among them. The sharded Partial FC applies the same modules, unchanged, to the local
 (sampled) columns of each rank: a row whose target lives on another rank only gets scaled (and
-filtered). Logits are computed in fp32 whatever the input dtype, with autocast disabled.
+filtered). Logits are computed in fp32 whatever the input dtype (fp64 stays fp64), with autocast
+disabled.
 
 The combined margin changes only the target logit::
 
@@ -24,7 +25,8 @@ Gradient modes:
 
 * ``"exact"`` (default): autograd differentiates the formula above (with the fallback), i.e. the true
   gradient of the loss w.r.t. ``cos_theta``. ``arccos`` has an infinite derivative at ``cos = +-1``;
-  the cosine is clamped to ``[-1 + 1e-6, 1 - 1e-6]`` before ``arccos`` so no NaN/Inf can appear.
+  the cosine is clamped one machine epsilon inside ``[-1, 1]`` before ``arccos`` so no NaN/Inf can
+  appear (at exactly +-1 the target's gradient is 0).
 * ``"straight_through"``: the forward value is the same, but the gradient w.r.t. the target cosine is
   taken as if no margin had been applied (d target / d cos = 1), as some public recipes do by editing
   the logits in-place under ``no_grad``. It trains similarly and avoids the ``1/sin(theta)`` growth
@@ -40,7 +42,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ACOS_EPS = 1e-6
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs (margins on half-precision cosines lose the target's small angle
+    changes), fp64 kept as is (gradcheck and references)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _acos_eps(dtype: torch.dtype) -> float:
+    """How far inside [-1, 1] cosines are clamped before ``acos``/``sqrt(1 - cos^2)``: one machine epsilon
+    of the compute dtype, the smallest step that keeps the derivative finite (fp32: |d acos| <= ~2e3)
+    while moving theta by no more than the dtype can resolve near 0 anyway."""
+    return torch.finfo(dtype).eps
 
 # name -> keyword arguments of CombinedMargin (or the class to use)
 MARGIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -118,7 +131,8 @@ class CombinedMargin(nn.Module):
         """The unscaled target logit for target cosines ``cos_target`` (fp32)."""
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos_target - self.m3  # NormFace / CosFace: no angle needed, exact everywhere
-        theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+        eps = _acos_eps(cos_target.dtype)
+        theta = torch.acos(cos_target.clamp(-1.0 + eps, 1.0 - eps))
         with_margin = torch.cos(self.m1 * theta + self.m2) - self.m3
         if self.theta_star >= math.pi:
             return with_margin
@@ -127,7 +141,7 @@ class CombinedMargin(nn.Module):
 
     def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=cos_theta.device.type, enabled=False):
-            cos_theta = cos_theta.float()
+            cos_theta = cos_theta.to(_compute_dtype(cos_theta))
             has_target, index = _target_columns(cos_theta, labels)
             cos_target = cos_theta.gather(1, index).squeeze(1)
             new_target = self.target_logit(cos_target)
@@ -163,8 +177,8 @@ class AdaFace(nn.Module):
         if embedding_norms is None:
             raise ValueError("AdaFace needs embedding_norms (the L2 norm of each row's embedding)")
         with torch.autocast(device_type=cos_theta.device.type, enabled=False):
-            cos_theta = cos_theta.float()
-            norms = embedding_norms.detach().float().clamp(0.001, 100.0)
+            cos_theta = cos_theta.to(_compute_dtype(cos_theta))
+            norms = embedding_norms.detach().to(cos_theta.dtype).clamp(0.001, 100.0)
             if self.training:
                 with torch.no_grad():
                     std = norms.std() if norms.numel() > 1 else norms.new_tensor(0.0)
@@ -173,8 +187,9 @@ class AdaFace(nn.Module):
             z = ((norms - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
             has_target, index = _target_columns(cos_theta, labels)
             cos_target = cos_theta.gather(1, index).squeeze(1)
-            theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
-            theta = (theta - self.margin * z).clamp(_ACOS_EPS, math.pi - _ACOS_EPS)
+            eps = _acos_eps(cos_theta.dtype)
+            theta = torch.acos(cos_target.clamp(-1.0 + eps, 1.0 - eps))
+            theta = (theta - self.margin * z).clamp(eps, math.pi - eps)
             new_target = torch.cos(theta) - (self.margin + self.margin * z)
             logits = _replace_target(cos_theta, labels, new_target, cos_target, has_target, index)
             return logits * self.scale
@@ -204,14 +219,17 @@ class CurricularFace(nn.Module):
         self.register_buffer("t", torch.zeros(()))
 
     def _margin_target(self, cos_target: torch.Tensor) -> torch.Tensor:
-        sin_target = torch.sqrt((1.0 - cos_target * cos_target).clamp(min=_ACOS_EPS))
-        with_margin = cos_target * self.cos_m - sin_target * self.sin_m
-        return torch.where(cos_target > self.threshold, with_margin, cos_target - self.mm)
+        sin_target = torch.sqrt((1.0 - cos_target * cos_target).clamp(min=_acos_eps(cos_target.dtype)))
+        return cos_target * self.cos_m - sin_target * self.sin_m  # cos(theta + m)
+
+    def _final_target(self, cos_target: torch.Tensor) -> torch.Tensor:
+        # ArcFace's fallback past theta + m > pi keeps the target logit monotone in theta
+        return torch.where(cos_target > self.threshold, self._margin_target(cos_target), cos_target - self.mm)
 
     def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor,
                 row_target_cos: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device_type=cos_theta.device.type, enabled=False):
-            cos_theta = cos_theta.float().clamp(-1.0, 1.0)
+            cos_theta = cos_theta.to(_compute_dtype(cos_theta)).clamp(-1.0, 1.0)
             has_target, index = _target_columns(cos_theta, labels)
             cos_target = cos_theta.gather(1, index).squeeze(1)
             if row_target_cos is None:
@@ -219,14 +237,15 @@ class CurricularFace(nn.Module):
                     raise ValueError("CurricularFace needs row_target_cos when some rows' targets are "
                                      "not among these columns")
                 row_target_cos = cos_target
-            row_target_cos = row_target_cos.float().clamp(-1.0, 1.0)
+            row_target_cos = row_target_cos.to(cos_theta.dtype).clamp(-1.0, 1.0)
+            # "hard" is judged against cos(theta + m) itself, as the paper defines it (no fallback)
             row_margin_target = self._margin_target(row_target_cos).detach()
             if self.training:
                 with torch.no_grad():
                     self.t.mul_(1 - self.momentum).add_(self.momentum * row_target_cos.detach().mean())
             hard = cos_theta > row_margin_target.unsqueeze(1)
             logits = torch.where(hard, cos_theta * (self.t.detach() + cos_theta), cos_theta)
-            new_target = self._margin_target(cos_target)
+            new_target = self._final_target(cos_target)
             logits = _replace_target(logits, labels, new_target, logits.gather(1, index).squeeze(1),
                                      has_target, index)
             return logits * self.scale
