@@ -712,6 +712,12 @@ def write_pairs(out_path: str | os.PathLike, root: str | os.PathLike, identities
 # -------------------------------------------------------------------------------------------------- CLI
 def _cmd_synth(args: argparse.Namespace) -> int:
     try:
+        # Check the pairs options before spending minutes on images that would then lack their pairs.
+        if args.pairs < 0 or args.pairs == 1:
+            raise ValueError(f"--pairs: expected 0 (none) or at least 2, got {args.pairs}")
+        if args.pairs and args.pairs_format == "lfw" and args.pairs % 20:
+            raise ValueError(f"--pairs: LFW style needs a multiple of 20 (10 folds of same + different), "
+                             f"got {args.pairs}")
         if args.pairs and args.identities < 2:
             raise ValueError("--pairs: needs --identities >= 2")
         if args.pairs and args.images_per_identity < 2:
