@@ -1,6 +1,6 @@
 """Full training step throughput vs the backbone's bare forward+backward, and the data pipeline's share.
 
-    python bench/train_step.py            # mobilefacenet, batch 64, 20k classes (~2-4 min on 2 cores)
+    python bench/train_step.py            # mobilefacenet, batch 32, 20k classes (~2 min on 2 idle cores)
     python bench/train_step.py --quick    # batch 16, 2k classes (< 60 s)
     python bench/train_step.py --backbone r100 --batch-size 128 --classes 100000   # on a GPU
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=None, help="updates per measurement (incl. warm-up)")
     args = parser.parse_args(argv)
-    batch = args.batch_size or (16 if args.quick else 64)
+    batch = args.batch_size or (16 if args.quick else 32)
     classes = args.classes or (2000 if args.quick else 20000)
-    steps = args.steps or (6 if args.quick else 12)
+    steps = args.steps or (6 if args.quick else 10)
     warmup = 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
