@@ -124,7 +124,6 @@ def _w3_load_then_continue(rank: int, world_size: int, out: str) -> dict:
     """W=3: load the W=2 step-3 checkpoint directly (FC rows of this rank), then continue training."""
     ensure_margins()
     from arcface.margins import build_margin
-
     from arcface.optim import build_backbone_optimizer
     from arcface.partial_fc import PartialFC
     from arcface.partition import ClassPartition
@@ -271,3 +270,55 @@ def test_nonfinite_loss_skipped_then_stops(tmp_path: Path) -> None:
               on_update=poison_forever)
     # The skipped updates never reached the weights.
     assert all(torch.isfinite(p).all() for p in nets[-1].parameters())
+
+
+def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: Path) -> None:
+    ensure_margins()
+    from arcface.checkpoint import CheckpointError, save_backbone_checkpoint
+    from arcface.margins import build_margin
+    from arcface.optim import build_backbone_optimizer
+    from arcface.partial_fc import PartialFC
+    from arcface.partition import ClassPartition
+    from arcface.train_state import find_resume_checkpoint, load_training_checkpoint, prune_checkpoints
+
+    cfg = make_cfg(tmp_path, 12)
+
+    def load(path: Path) -> None:
+        net = tiny_factory(cfg)
+        pfc = PartialFC(ClassPartition(13, 1, 0), 16, build_margin("cosface", scale=16.0, m3=0.2))
+        load_training_checkpoint(path, backbone=net, optimizer=build_backbone_optimizer(cfg, net), pfc=pfc,
+                                 fc_optimizer=pfc.build_optimizer("sgd", lr=0.1))
+
+    good = Path(reference["checkpoint"])
+    broken = tmp_path / "broken" / good.name
+    shutil.copytree(good, broken)
+    (broken / "optimizer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: cannot load"):
+        load(broken)
+    (broken / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: missing"):
+        load(broken)
+    backbone_only = save_backbone_checkpoint(tmp_path / "bb", tiny_factory(cfg), cfg.to_dict(), step=1)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load(backbone_only)
+    wrong_size = make_cfg(tmp_path, 12, "backbone.embedding_size=8")
+    net = tiny_factory(wrong_size)
+    with pytest.raises(CheckpointError, match=r"backbone\.pt: does not fit"):
+        pfc = PartialFC(ClassPartition(13, 1, 0), 8, build_margin("cosface", scale=16.0, m3=0.2))
+        load_training_checkpoint(good, backbone=net, optimizer=build_backbone_optimizer(wrong_size, net),
+                                 pfc=pfc, fc_optimizer=pfc.build_optimizer("sgd", lr=0.1))
+    with pytest.raises(CheckpointError, match="output.resume"):
+        find_resume_checkpoint(str(tmp_path / "nowhere"), tmp_path)
+    assert find_resume_checkpoint("none", reference["out"]) is None
+    assert find_resume_checkpoint("auto", reference["out"]) == good
+    assert find_resume_checkpoint(str(reference["out"]), tmp_path) == good
+
+    # Pruning keeps the newest K complete checkpoints and removes debris of crashed saves.
+    ckpts = tmp_path / "prune"
+    for step in (1, 2, 3, 4):
+        (ckpts / f"step_{step:08d}").mkdir(parents=True)
+        (ckpts / f"step_{step:08d}" / "meta.json").write_text("{}")
+    (ckpts / ".tmp-step_00000005-abcd1234").mkdir()
+    (ckpts / "step_00000009").mkdir()  # no meta.json: incomplete, never counted as a checkpoint
+    prune_checkpoints(ckpts, keep_last=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000004", "step_00000009"]
