@@ -3,6 +3,8 @@
 The margin-softmax family (NormFace, SphereFace, ArcFace, CosFace, combined, AdaFace, CurricularFace,
 sub-center) lives in :mod:`arcface.margins`; this module holds the rest of the field:
 
+* :func:`margin_cross_entropy` — the combined margin + softmax cross-entropy fused into one buffer
+  (same value and gradient as ``F.cross_entropy(margin(cos_theta, labels), labels)``, less memory traffic);
 * :class:`CenterLoss` — auxiliary pull of each embedding towards its class centre (used next to a
   softmax loss: ``total = ce + lambda_c * center``);
 * :class:`LSoftmax` — large-margin softmax: multiplicative angular margin on *unnormalised* weights;
@@ -30,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from arcface.margins import CombinedMargin
 
 _ACOS_EPS = 1e-7
 # below this squared distance two embeddings count as identical: sqrt's gradient is taken as 0 there
@@ -78,6 +82,88 @@ def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
     return same & ~eye, ~same
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused combined-margin softmax cross-entropy (single device)
+# ----------------------------------------------------------------------------------------------------
+
+class _FusedMarginCrossEntropy(torch.autograd.Function):
+    """Margin + scale + log-softmax + NLL in one [B, N] buffer; see :func:`margin_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, cos_theta: torch.Tensor, labels: torch.Tensor, margin: CombinedMargin) -> torch.Tensor:
+        valid = labels >= 0
+        index = labels.clamp(min=0).unsqueeze(1)
+        cos_target = cos_theta.gather(1, index).squeeze(1)
+        # The target transform is O(B): differentiate it locally, so the backward pass never needs a
+        # second [B, N] tensor for the gather's gradient.
+        with torch.enable_grad():
+            leaf = cos_target.detach().requires_grad_(True)
+            new_target = margin.target_logit(leaf)
+            if margin.gradient == "exact":
+                (d_target,) = torch.autograd.grad(new_target.sum(), leaf)
+            else:
+                d_target = torch.ones_like(leaf)  # straight-through: as if no margin
+        new_target = new_target.detach()
+        scale = margin.scale
+        buf = cos_theta * scale
+        buf.scatter_(1, index, torch.where(valid, new_target, cos_target).unsqueeze(1) * scale)
+        threshold = margin.interclass_filtering_threshold
+        if threshold > 0:
+            # only rows that count: an ignored row filtered entirely would make its softmax 0/0
+            dirty = (cos_theta > threshold) & valid.unsqueeze(1)
+            dirty.scatter_(1, index, torch.zeros_like(index, dtype=torch.bool))
+            buf.masked_fill_(dirty, float("-inf"))
+        # softmax's own kernel, not exp_/logsumexp: on CPU the element-wise exp takes a slow path for the
+        # very negative arguments that s = 64 produces (several times slower than the whole softmax).
+        probs = torch.softmax(buf, dim=1)
+        # log-sum-exp without another exp pass: the largest probability sits at the largest logit, and
+        # it is >= 1/N, so its log is accurate (the target's own probability may underflow to 0).
+        row_max = buf.amax(dim=1)
+        log_sum_exp = row_max - torch.log(probs.amax(dim=1))
+        row_loss = log_sum_exp - new_target * scale
+        num_valid = valid.sum().clamp(min=1).to(buf.dtype)
+        loss = torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum() / num_valid
+        ctx.save_for_backward(probs, index, valid, d_target, num_valid)
+        ctx.scale = scale
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        probs, index, valid, d_target, num_valid = ctx.saved_tensors
+        coef = grad_loss * ctx.scale / num_valid                  # d loss / d cos = s * g / n * (p - onehot)
+        row_coef = torch.where(valid, coef, torch.zeros_like(coef))
+        # out of place: the saved probabilities stay valid for a second backward (retain_graph, gradcheck)
+        grad_cos = probs * row_coef.unsqueeze(1)
+        p_target = grad_cos.gather(1, index).squeeze(1)
+        grad_target = (p_target - coef) * d_target               # chain rule through the margin
+        grad_cos.scatter_(1, index, torch.where(valid, grad_target, p_target).unsqueeze(1))
+        return grad_cos, None, None
+
+
+def margin_cross_entropy(cos_theta: torch.Tensor, labels: torch.Tensor,
+                         margin: CombinedMargin) -> torch.Tensor:
+    """``F.cross_entropy(margin(cos_theta, labels), labels, ignore_index=-1)`` fused into one pass.
+
+    Mean over rows with ``labels >= 0``; rows with -1 are ignored (0 if all are). Same value and gradient
+    as the modular path for every :class:`~arcface.margins.CombinedMargin` setting (all m1/m2/m3, exact or
+    straight-through gradient, inter-class filtering), but the forward pass allocates one ``[B, N]``
+    buffer, reused in place for the logits and the probabilities, and the backward pass one more for the
+    gradient, instead of the five or so full-size tensors of the modular path. Use it for single-device
+    training where the classifier fits on one device; the sharded Partial FC has its own distributed
+    softmax.
+    """
+    if not isinstance(margin, CombinedMargin):
+        raise ValueError("margin_cross_entropy supports CombinedMargin presets, got "
+                         f"{type(margin).__name__}; use F.cross_entropy(margin(cos_theta, labels, ...), "
+                         "labels) for the others")
+    if cos_theta.dim() != 2 or labels.shape != cos_theta.shape[:1]:
+        raise ValueError(f"need cos_theta [B, N] and labels [B], got {tuple(cos_theta.shape)} and "
+                         f"{tuple(labels.shape)}")
+    with torch.autocast(device_type=cos_theta.device.type, enabled=False):
+        return _FusedMarginCrossEntropy.apply(_fp32(cos_theta), labels, margin)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -285,6 +285,66 @@ def test_margin_loss_equals_loop_on_sampled_pairs(num_classes):
 
 
 # ---------------------------------------------------------------------------------------------------
+# fused margin cross-entropy vs the modular margin module + F.cross_entropy
+# ---------------------------------------------------------------------------------------------------
+
+FUSED_CASES = [("softmax", {}), ("sphereface", {}), ("sphereface", {"m1": 4.0}), ("arcface", {}),
+               ("cosface", {}), ("combined", {}), ("combined", {"m1": 1.2, "m2": 0.3, "m3": 0.1}),
+               ("arcface", {"gradient": "straight_through"}),
+               ("arcface", {"interclass_filtering_threshold": 0.4})]
+
+
+def _fused_inputs(seed: int, b: int = 24, n: int = 30):
+    g = torch.Generator().manual_seed(seed)
+    cos = torch.rand(b, n, generator=g, dtype=DT) * 2 - 1
+    labels = torch.randint(0, n, (b,), generator=g)
+    labels[::5] = -1                                     # target not in these columns: ignored
+    targets = [1.0, -1.0, 1 - 1e-9, math.cos(0.01), math.cos(2.9), math.cos(math.pi - 0.3)]
+    for row, value in zip((1, 2, 3, 4, 6, 7), targets, strict=True):  # theta ~ 0, theta + m > pi, cos = +-1
+        cos[row, labels[row]] = value
+    return cos, labels
+
+
+@pytest.mark.parametrize("name,overrides", FUSED_CASES)
+def test_fused_margin_cross_entropy_equals_modular_path(name, overrides):
+    from arcface.margins import build_margin
+
+    margin = build_margin(name, **overrides)
+    cos, labels = _fused_inputs(11)
+    c1, c2 = cos.clone().requires_grad_(True), cos.clone().requires_grad_(True)
+    reference = F.cross_entropy(margin(c1, labels), labels, ignore_index=-1)
+    reference.backward()
+    fused = L.margin_cross_entropy(c2, labels, margin)
+    fused.backward()
+    torch.testing.assert_close(fused, reference, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(c2.grad, c1.grad, atol=1e-10, rtol=1e-9)  # acos slope ~2e4 at theta ~ 0
+    assert torch.isfinite(c2.grad).all()
+
+
+def test_fused_margin_cross_entropy_gradcheck_and_edges():
+    from arcface.margins import AdaFace, build_margin
+
+    margin = build_margin("arcface", scale=8.0)
+    g = torch.Generator().manual_seed(12)
+    cos = (torch.rand(5, 7, generator=g, dtype=DT) * 1.6 - 0.8).requires_grad_(True)
+    labels = torch.tensor([0, 3, -1, 6, 2])
+    assert torch.autograd.gradcheck(lambda c: L.margin_cross_entropy(c, labels, margin), (cos,))
+    # every row ignored: 0, finite zero gradient
+    c = cos.detach().clone().requires_grad_(True)
+    loss = L.margin_cross_entropy(c, torch.full((5,), -1), margin)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(c.grad, torch.zeros_like(c.grad))
+    # bf16 under autocast: fp32 result equal to fp32 on the rounded values
+    low = cos.detach().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = L.margin_cross_entropy(low.clone().requires_grad_(True), labels, margin)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, L.margin_cross_entropy(low.float(), labels, margin))
+    with pytest.raises(ValueError, match="CombinedMargin"):
+        L.margin_cross_entropy(cos, labels, AdaFace())
+
+
+# ---------------------------------------------------------------------------------------------------
 # center loss and L-Softmax
 # ---------------------------------------------------------------------------------------------------
 
