@@ -50,6 +50,12 @@ for _layout in LAYOUTS:
 register("mobilefacenet", "mbf")(MobileFaceNet)
 
 
+@register("mobilefacenet_s", "mbf_s")
+def mobilefacenet_small(**kwargs: object) -> nn.Module:
+    """MobileFaceNet at half width (0.5 M parameters at 128-d): for CPU demos and quick experiments."""
+    return MobileFaceNet(width=1, **kwargs)  # type: ignore[arg-type]
+
+
 def canonical_name(name: str) -> str:
     """Registry name for ``name`` or one of its aliases (case-insensitive)."""
     if name in _REGISTRY:

@@ -14,14 +14,16 @@ from backbones import canonical_name, create_backbone, list_backbones
 
 # FORMATS.md section 8: parameters at 512-d, in millions (two decimals: "to the thousand" below).
 REFERENCE_PARAMS_M = {"r18": 24.03, "r34": 34.14, "r50": 43.59, "r100": 65.16, "r200": 118.83,
-                      "mobilefacenet": 2.06}
+                      "mobilefacenet": 2.06,
+                      # not in FORMATS.md: the half-width CPU variant; guards the registry entry's width
+                      "mobilefacenet_s": 0.78}
 SLOW_EXPORTS = {"r100", "r200"}
 
 
 def _small(name: str, **kwargs) -> tuple[nn.Module, int]:
     """A backbone at a reduced input size (IResNet accepts any multiple of 16) to keep CPU tests quick;
     MobileFaceNet's GDC head needs the full 112x112."""
-    if name == "mobilefacenet":
+    if name.startswith("mobilefacenet"):
         return create_backbone(name, **kwargs), 112
     return create_backbone(name, input_size=32, **kwargs), 32
 
