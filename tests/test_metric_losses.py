@@ -502,6 +502,13 @@ def test_pk_sampler_batches_and_epochs():
             assert len(set(members)) == min(4, n_avail)
     assert len(set(seen)) == len(seen)  # an identity at most once per epoch
     assert list(sampler) == batches  # deterministic
+    # as a DataLoader batch_sampler: the loader yields exactly these batches
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dataset = TensorDataset(torch.as_tensor(labels), torch.arange(len(labels)))
+    loader = DataLoader(dataset, batch_sampler=sampler)
+    assert len(loader) == 3
+    assert [idx.tolist() for _, idx in loader] == batches
     sampler.set_epoch(1)
     assert list(sampler) != batches
 
