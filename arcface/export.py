@@ -56,6 +56,7 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 FP16_FILE = "model_fp16.onnx"
 INT8_FILE = "model_int8_dynamic.onnx"
+REJECTED_FILE = "model.rejected.onnx"
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 MIN_OPSET = 17
@@ -300,6 +301,23 @@ def _fold_into_following_gemm(g: _Graph, bn: onnx.NodeProto, scale: np.ndarray, 
     return True
 
 
+def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor shape inference can type. Runs on a weightless copy (weights declared as
+    typed graph inputs instead of initializers), so a 500 MB model is not serialised for it."""
+    graph = model.graph
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    light_graph = helper.make_graph(list(graph.node), graph.name, list(graph.input) + weights,
+                                    list(graph.output))
+    light = helper.make_model(light_graph, opset_imports=list(model.opset_import),
+                              ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light)
+    ranks = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            ranks[info.name] = len(info.type.tensor_type.shape.dim)
+    return ranks
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> FoldStats:
     """Remove every inference-mode ``BatchNormalization`` node of ``model`` in place (see module doc).
 
@@ -309,10 +327,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldStats:
     stats = FoldStats()
     g = _Graph(model.graph)
     _resolve_constant_identities(g, stats)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if info.type.tensor_type.HasField("shape"):
-            g.ranks[info.name] = len(info.type.tensor_type.shape.dim)
+    g.ranks = _tensor_ranks(model)
 
     index = 0
     while index < len(model.graph.node):
@@ -591,6 +606,9 @@ def _session(model_or_path, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # onnxruntime's worker threads spin after each call by default; on a small CPU they then steal the
+    # cores from the PyTorch reference run right after (parity, latency), distorting its timings.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = (model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto)
               else str(model_or_path))
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
@@ -831,6 +849,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir}: exists and is not a directory")
+    if options.eval_pack and not Path(options.eval_pack).is_file():  # fail before the slow part
+        raise FileNotFoundError(f"{options.eval_pack}: verification pack (--eval-pack) not found")
 
     model, meta = load_backbone(checkpoint, map_location="cpu")
     model = model.float().eval()
@@ -874,7 +894,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
     fp32_tmp = _tmp_name(onnx_path)
     try:
         fp32_tmp.write_bytes(graph_bytes)
-        session = _session(fp32_tmp)
+        # Same thread count as PyTorch: latency then compares engines, not thread pools.
+        session = _session(fp32_tmp, threads=threads)
         import onnxruntime as ort
 
         card["exporter"]["onnxruntime"] = ort.__version__
@@ -887,7 +908,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
             _log(options.progress, format_parity(card["parity"]))
             if not card["parity"]["passed"]:
                 if options.keep_failed:
-                    os.replace(fp32_tmp, output_dir / "model.rejected.onnx")
+                    os.replace(fp32_tmp, output_dir / REJECTED_FILE)
                 raise ParityError("onnxruntime and PyTorch disagree beyond tolerance:\n"
                                   + format_parity(card["parity"]))
         else:
@@ -896,7 +917,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
             _log(options.progress, f"latency at batch {list(options.latency_batch_sizes)} "
                                    f"({options.latency_runs} runs, median)")
             card["latency"] = {"device": "CPU", "pytorch_threads": threads,
-                               "onnxruntime_threads": "default (one per core)", "runs": options.latency_runs,
+                               "onnxruntime_threads": threads, "runs": options.latency_runs,
                                "rows": measure_latency(model, session, options.latency_batch_sizes,
                                                        options.latency_runs, options.seed)}
             _log(options.progress, format_latency(card["latency"]["rows"]))
@@ -946,6 +967,11 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
     try:
         for filename, data in variants.items():
             _write_atomic(output_dir / filename, data)
+        if options.overwrite:
+            # Outputs of an earlier export that this one does not produce would describe another graph.
+            for stale in (FP16_FILE, INT8_FILE, REJECTED_FILE):
+                if stale not in variants:
+                    (output_dir / stale).unlink(missing_ok=True)
         _write_atomic(card_path, (json.dumps(card, indent=2, sort_keys=False) + "\n").encode())
         # The graph checked above plus metadata: written under a temp name, renamed last.
         fp32_tmp.write_bytes(proto.SerializeToString())
