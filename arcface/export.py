@@ -570,7 +570,7 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def parity_report(torch_model, run_onnx, inputs: dict[str, np.ndarray], min_cosine: float = PARITY_MIN_COSINE,
-                  max_abs_rel: float = PARITY_MAX_ABS_REL) -> dict[str, Any]:
+                  max_abs_rel: float = PARITY_MAX_ABS_REL, progress: bool = False) -> dict[str, Any]:
     """Compare ``run_onnx(x) -> [N, D]`` against ``torch_model`` (fp32, eval) on every input set.
 
     Per set: max absolute difference, output scale (max |PyTorch embedding|), their ratio, minimum
@@ -578,9 +578,12 @@ def parity_report(torch_model, run_onnx, inputs: dict[str, np.ndarray], min_cosi
     tolerances.
     """
     import torch
+    from tqdm import tqdm
 
     rows = []
     torch_model.eval()
+    total = sum(int(batch.shape[0]) for batch in inputs.values())
+    bar = tqdm(total=total, desc="parity", unit="img", disable=not progress, dynamic_ncols=True)
     for name, batch in inputs.items():
         with torch.inference_mode():
             expected = torch_model(torch.from_numpy(batch)).float().numpy()
@@ -588,7 +591,8 @@ def parity_report(torch_model, run_onnx, inputs: dict[str, np.ndarray], min_cosi
         if got.shape != expected.shape:
             raise ParityError(f"parity set {name}: onnxruntime output shape {got.shape}, PyTorch "
                               f"{expected.shape}")
-        finite = bool(np.isfinite(got).all())
+        # A non-finite PyTorch reference fails too: nothing can be proven against it.
+        finite = bool(np.isfinite(got).all() and np.isfinite(expected).all())
         diff = float(np.abs(got.astype(np.float64) - expected).max()) if finite else float("inf")
         scale = float(np.abs(expected).max())
         rel = diff / max(scale, 1e-30)
@@ -596,6 +600,8 @@ def parity_report(torch_model, run_onnx, inputs: dict[str, np.ndarray], min_cosi
         rows.append({"set": name, "batch": int(batch.shape[0]), "max_abs_diff": diff, "output_scale": scale,
                      "max_abs_diff_rel": rel, "min_cosine": cosine, "finite": finite,
                      "passed": bool(finite and cosine >= min_cosine and rel <= max_abs_rel)})
+        bar.update(int(batch.shape[0]))
+    bar.close()
     return {"tolerances": {"min_cosine": min_cosine, "max_abs_diff_rel_to_output_scale": max_abs_rel},
             "sets": rows, "passed": all(r["passed"] for r in rows)}
 
@@ -821,7 +827,7 @@ def _variant(kind: str, proto: onnx.ModelProto, fp32_path: Path, torch_model, in
             out_tmp.unlink(missing_ok=True)
     _log(progress, f"{kind} variant: parity (min cosine >= {min_cos}, max |diff| <= {max_rel} x scale)")
     run_variant = _runner(_session(onnx.load_from_string(data)))
-    report = parity_report(torch_model, run_variant, inputs, min_cos, max_rel)
+    report = parity_report(torch_model, run_variant, inputs, min_cos, max_rel, progress=progress)
     return data, report
 
 
@@ -904,7 +910,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
         if options.check:
             _log(options.progress, f"parity on {len(inputs)} input sets (min cosine >= {PARITY_MIN_COSINE}, "
                                    f"max |diff| <= {PARITY_MAX_ABS_REL} x output scale)")
-            card["parity"] = parity_report(model, _runner(session), inputs)
+            card["parity"] = parity_report(model, _runner(session), inputs, progress=options.progress)
             _log(options.progress, format_parity(card["parity"]))
             if not card["parity"]["passed"]:
                 if options.keep_failed:

@@ -3,8 +3,9 @@
     python bench/export.py            # mobilefacenet and r100 (LResNet100E-IR) at batch 1 and 32
     python bench/export.py --quick    # mobilefacenet and r18 at batch 1 and 4 (< 60 s)
 
-For each backbone (512-d, random weights: latency does not depend on their values) the script exports
-with arcface.export.export_model (TorchScript exporter + BatchNorm folding), then times the median of
+For each backbone (512-d, random weights with BN statistics calibrated on one random batch: latency does
+not depend on the values) the script exports with arcface.export.export_model (TorchScript exporter +
+BatchNorm folding), then times the median of
 ``--runs`` calls after one warm-up, for onnxruntime and PyTorch eager (fp32, inference mode), both with
 ``--threads`` intra-op threads (default 1). ``ratio`` = PyTorch ms / onnxruntime ms (> 1: the ONNX model
 is faster). Also printed: export time, file size, parameter count, parity on the synthetic faces at that
@@ -27,12 +28,26 @@ from arcface import export  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 
 
+def calibrate_batchnorm(model: torch.nn.Module, batch: int = 2) -> torch.nn.Module:
+    """Running statistics = the statistics of one random batch, as a trained network has: a freshly
+    initialised r100 has BN statistics (0, 1) that do not match its activations, and its embedding
+    overflows to inf, which would make the parity column meaningless."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average: one batch gives its exact statistics
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(batch, 3, 112, 112) * 2 - 1)
+    return model.eval()
+
+
 def run(backbones: list[str], batch_sizes: list[int], runs: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     for name in backbones:
         torch.manual_seed(0)
-        model = create_backbone(name, embedding_size=512).eval()
+        model = calibrate_batchnorm(create_backbone(name, embedding_size=512))
         start = time.perf_counter()
         proto, _ = export.export_model(model)
         export_s = time.perf_counter() - start
