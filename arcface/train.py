@@ -259,6 +259,13 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             scaler.load_state_dict(state.scaler)
         resume_note = (f"resumed from {resume_path} at step {state.step} (saved with world size "
                        f"{meta['world_size']}{', FC resharded' if meta['resharded'] else ''})")
+        current = cfg.to_dict()
+        changed = [f"{section}.{key}: {saved_value!r} -> {current[section][key]!r}"
+                   for section, values in meta["config"].items() if section in current
+                   for key, saved_value in values.items()
+                   if key in current[section] and current[section][key] != saved_value]
+        if changed:
+            resume_note += "; config changed since the checkpoint: " + ", ".join(changed)
 
     model: nn.Module = backbone
     ddp_model: nn.parallel.DistributedDataParallel | None = None
