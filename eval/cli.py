@@ -74,14 +74,46 @@ def _parse_bins(args: argparse.Namespace) -> list[tuple[str | None, Path]]:
     return packs
 
 
+def _model_fingerprint(model: str, flip: bool) -> dict:
+    """What identifies the features a model produces: resolved weights file, its size and mtime, flip."""
+    path = Path(model)
+    if path.suffix != ".onnx":
+        from arcface.checkpoint import BACKBONE_FILE, resolve_checkpoint_dir
+
+        path = resolve_checkpoint_dir(path) / BACKBONE_FILE
+    stat = path.stat()
+    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "flip": flip}
+
+
+def _bind_feature_folder(feature_root: Path, manifest: dict) -> None:
+    """Tie a feature folder to the model and images that fill it, so a rerun resumes only its own work."""
+    import json
+
+    path = feature_root / "manifest.json"
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable feature-folder manifest ({exc})") from None
+        if existing != manifest:
+            raise ValueError(f"{path}: the features in this folder were made with {existing}, not "
+                             f"{manifest}; use another --output or remove the folder")
+        return
+    feature_root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
 def _embed_folder(embedder, root: Path, names: list[str], feature_root: Path, suffix: str,
-                  batch_size: int) -> None:
+                  batch_size: int, fingerprint: dict) -> None:
     """Embed aligned images into devkit files, skipping images whose feature file exists (resume)."""
     from tqdm import tqdm
 
     from eval import megaface
     from eval.embedder import embed_encoded
 
+    _bind_feature_folder(feature_root, {**fingerprint, "images": str(root.resolve()), "suffix": suffix})
     todo = [n for n in names if not megaface.feature_path(feature_root, n, suffix).is_file()]
     with tqdm(total=len(todo), desc=f"embed {root.name}", unit="img") as bar:
         for start in range(0, len(todo), 4096):
@@ -108,7 +140,7 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
                                  "--model to embed the images")
             feature_dirs[role] = output / "megaface_features" / role
             _embed_folder(embedder, Path(root_arg), names, feature_dirs[role], args.megaface_suffix,
-                          args.batch_size)
+                          args.batch_size, _model_fingerprint(args.model, not args.no_flip))
         else:
             raise ValueError(f"MegaFace {role}: give an image root or a feature folder")
     probes = megaface.read_feature_folder(feature_dirs["facescrub"], probe_names, args.megaface_suffix,
@@ -130,7 +162,14 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
     if args.megaface_noise:
         distractor_noisy = megaface.noise_mask(distractor_names,
                                                megaface.load_noise_list(args.megaface_noise))
-    sizes = sorted({min(int(s), len(distractor_names)) for s in args.megaface_sizes.split(",") if s.strip()})
+    try:
+        sizes = sorted({min(int(s), len(distractor_names)) for s in args.megaface_sizes.split(",")
+                        if s.strip()})
+    except ValueError:
+        raise ValueError(f"--megaface-sizes {args.megaface_sizes!r}: expected comma-separated "
+                         "integers") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--megaface-sizes {args.megaface_sizes!r}: distractor counts must be >= 1")
     try:
         return megaface.evaluate_megaface(probes, probe_ids, store, sizes=sizes, probe_noisy=probe_noisy,
                                           distractor_noisy=distractor_noisy, device=args.device,
