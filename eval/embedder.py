@@ -62,7 +62,7 @@ class ModelEmbedder:
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", batch_size: int = 64,
-                 flip: bool = True, dtype: torch.dtype | None = None) -> None:
+                 flip: bool = True, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
@@ -72,6 +72,9 @@ class ModelEmbedder:
         self.batch_size = batch_size
         self.flip = flip
         self.dtype = dtype
+        # Channels-last inputs (the model converted by the caller, or by CheckpointEmbedder which owns
+        # its model): ~1.5x faster convolutions on CPU (oneDNN) and with tensor cores on CUDA.
+        self.channels_last = channels_last
         self._embedding_size: int | None = getattr(self.model, "embedding_size", None)
 
     @property
@@ -86,6 +89,8 @@ class ModelEmbedder:
         if self.flip:
             # One forward over [images; mirrored images]: fewer kernel launches than two calls.
             inputs = torch.cat([inputs, preprocess.flip_horizontal(inputs)], dim=0)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         if self.dtype is not None and self.dtype != torch.float32:
             with torch.autocast(device_type=self.device.type, dtype=self.dtype):
                 outputs = self.model(inputs)
@@ -125,7 +130,9 @@ class CheckpointEmbedder(ModelEmbedder):
         from arcface.checkpoint import load_backbone
 
         model, meta = load_backbone(path, map_location=device)
-        super().__init__(model, device=device, batch_size=batch_size, flip=flip, dtype=dtype)
+        model = model.to(memory_format=torch.channels_last)  # this embedder owns the model
+        super().__init__(model, device=device, batch_size=batch_size, flip=flip, dtype=dtype,
+                         channels_last=True)
         self.meta = meta
         embedding_size = meta["config"]["backbone"].get("embedding_size")
         if embedding_size:
