@@ -112,8 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--identities", type=int, default=400, help="training identities")
     parser.add_argument("--images", type=int, default=24, help="images per training identity")
     parser.add_argument("--heldout-identities", type=int, default=100, help="held-out identities")
-    parser.add_argument("--pairs", type=int, default=1000, help="held-out verification pairs")
-    parser.add_argument("--steps", type=int, default=600, help="training updates")
+    parser.add_argument("--pairs", type=int, default=600, help="held-out verification pairs")
+    parser.add_argument("--steps", type=int, default=400, help="training updates")
     parser.add_argument("--interrupt-at", type=int, default=None,
                         help="stop at this update and resume (default: half way)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo)")
@@ -170,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
                  str(DEMO_RECIPE), f"data.rec={manifest}", f"output.dir={run_dir}",
                  f"eval.bins=[{data / 'heldout.bin'}]", f"schedule.total_steps={args.steps}",
                  f"runtime.batch_size={args.batch_size}", f"fc.sample_rate={args.sample_rate}",
-                 f"eval.every={max(1, args.steps // 4)}",
+                 f"eval.every={max(1, args.steps // 2)}",
                  f"output.checkpoint_every={max(1, args.steps // 4)}"]
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     runner.run("the untrained model: a step-0 checkpoint", train_cmd + ["--max-steps", "0"], env)
