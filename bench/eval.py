@@ -7,7 +7,8 @@ Each row puts our computation next to a reference measured in the same run and p
 * protocol: eval.metrics (sorted thresholds) vs a direct loop over the 400 thresholds per fold;
 * embedding: ModelEmbedder (flip-sum, batched) vs a bare forward of the same batch twice;
 * search: eval.megaface.search_distractors (top-10 per probe + global impostor list for FAR 1e-6)
-  vs the bare probe x distractor matrix products it cannot avoid (goal: ratio <= 1.5).
+  vs the bare probe x distractor matrix products it cannot avoid (goal: ratio <= 1.5); best of 2
+  interleaved runs each (1 at 1M distractors).
 """
 
 from __future__ import annotations
@@ -88,14 +89,22 @@ def bench_search(probes: int, distractors: int, dim: int = 512) -> tuple[str, fl
         gallery[s:s + block.shape[0]] = metrics.l2_normalize(block)
     keep = int(1e-6 * probes * distractors) + 1
     chunk = 16384
-    ours = timed(lambda: megaface.search_distractors(probe_feats, gallery, top_k=10, impostor_keep=keep,
-                                                    chunk_size=chunk))
     probe_t = torch.from_numpy(probe_feats)
+
+    def ours_fn():
+        megaface.search_distractors(probe_feats, gallery, top_k=10, impostor_keep=keep, chunk_size=chunk)
 
     def bare():
         for s in range(0, distractors, chunk):
             probe_t @ torch.from_numpy(gallery[s:s + chunk]).T
-    ref = timed(bare, 2)
+    # Same treatment for both: one untimed small call (thread pools, first-call allocations), then the
+    # best of `repeat` runs each, interleaved so a busy neighbour on the shared machine hits both alike.
+    megaface.search_distractors(probe_feats[:64], gallery[:2048], top_k=10, impostor_keep=1, chunk_size=512)
+    repeat = 2 if distractors <= 100_000 else 1
+    ours = ref = float("inf")
+    for _ in range(repeat):
+        ours = min(ours, timed(ours_fn))
+        ref = min(ref, timed(bare))
     return f"search {probes} probes x {distractors:,} distractors", ours, ref, f"{ours:.1f} s"
 
 
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
-        rows = [bench_protocol(6000), bench_embedding(32), bench_search(353, 20000)]
+        rows = [bench_protocol(6000), bench_embedding(32), bench_search(3530, 30_000)]
     else:
         rows = [bench_protocol(6000), bench_embedding(128), bench_search(3530, 100_000),
                 bench_search(3530, 1_000_000)]

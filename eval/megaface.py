@@ -220,16 +220,17 @@ def search_distractors(probes: np.ndarray, distractors: np.ndarray, sizes: Seque
     probe_t = torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32)).to(device)
     num_probes = probe_t.shape[0]
     top = torch.full((num_probes, top_k), -float("inf"), device=device)
-    # Global impostor top list: a chunk's score can only enter if it beats the current last entry, so
-    # after the first chunk a cheap comparison filters almost everything before any sort.
     impostor = torch.empty(0, device=device)
-    floor = -float("inf")
+    floor = -float("inf")  # the last kept impostor score once the global list is full
     results: list[SearchResult] = []
     bar = tqdm(total=sizes[-1], desc="distractor search", unit="img", unit_scale=True, disable=not progress)
     position = 0
+    warm = False  # True once every probe has k scores and the impostor list is full
     for size in sizes:
         while position < size:
-            stop = min(position + chunk_size, size)
+            # A small first chunk fills the running cut-offs cheaply; after that a dense selection is
+            # never needed again.
+            stop = min(position + (chunk_size if warm else min(chunk_size, _WARMUP_CHUNK)), size)
             block = np.asarray(distractors[position:stop])
             if valid is not None:
                 block = block[valid[position:stop]]
@@ -239,18 +240,62 @@ def search_distractors(probes: np.ndarray, distractors: np.ndarray, sizes: Seque
                 continue
             block_t = torch.from_numpy(np.ascontiguousarray(block)).to(device, dtype=torch.float32)
             scores = probe_t @ block_t.T
+            if warm:
+                top, floor, impostor = _merge_sparse(scores, top, floor, impostor, impostor_keep)
+                continue
             k = min(top_k, scores.shape[1])
             chunk_top = torch.topk(scores, k, dim=1).values
             top = torch.topk(torch.cat([top, chunk_top], dim=1), top_k, dim=1).values
             if impostor_keep:
-                candidates = scores[scores > floor] if impostor.numel() >= impostor_keep else scores.ravel()
-                merged = torch.cat([impostor, candidates])
+                merged = torch.cat([impostor, scores.ravel()])
                 impostor = torch.topk(merged, min(impostor_keep, merged.numel())).values
                 if impostor.numel() >= impostor_keep:
                     floor = float(impostor[-1])
+            warm = bool(torch.isfinite(top[:, -1]).all()) and (not impostor_keep
+                                                               or impostor.numel() >= impostor_keep)
         results.append(SearchResult(int(size), top.cpu().numpy(), impostor.cpu().numpy()))
     bar.close()
     return results
+
+
+_WARMUP_CHUNK = 1024
+
+
+def _merge_sparse(scores: torch.Tensor, top: torch.Tensor, floor: float, impostor: torch.Tensor,
+                  impostor_keep: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Merge a ``[P, C]`` score block into full running lists, selecting only the scores that can enter.
+
+    A score can change a probe's top-``k`` only if it exceeds that probe's current k-th best, and the
+    global impostor list only if it exceeds its last entry (``floor``). Once the lists are full those
+    scores are a small fraction of the block, so one vectorised comparison finds them and the sorts run
+    on a handful of values per row instead of a ``topk`` over every row (which costs more than the
+    matrix product). Scores equal to a cut-off change no kept value, so the result is exact.
+    """
+    kth = top[:, -1]
+    cut = torch.clamp(kth, max=floor) if impostor_keep else kth
+    rows, cols = torch.nonzero(scores > cut[:, None], as_tuple=True)
+    if rows.numel() == 0:
+        return top, floor, impostor
+    values = scores[rows, cols]
+    if impostor_keep:
+        candidates = values[values > floor]
+        if candidates.numel():
+            impostor = torch.topk(torch.cat([impostor, candidates]), impostor_keep).values
+            floor = float(impostor[-1])
+    enters = values > kth[rows]
+    rows, values = rows[enters], values[enters]
+    if rows.numel():
+        # nonzero() lists rows in ascending order: group the entering scores per row into a padded
+        # [rows_hit, width] block and merge it with those rows' current lists.
+        hit, counts = torch.unique_consecutive(rows, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(rows.numel(), device=rows.device) - torch.repeat_interleave(starts, counts)
+        width = int(counts.max())
+        padded = torch.full((hit.numel(), width), -float("inf"), device=scores.device)
+        padded[torch.repeat_interleave(torch.arange(hit.numel(), device=rows.device), counts), slot] = values
+        top = top.clone()
+        top[hit] = torch.topk(torch.cat([top[hit], padded], dim=1), top.shape[1], dim=1).values
+    return top, floor, impostor
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -74,6 +74,25 @@ def test_chunked_search_equals_dense_brute_force_over_prefixes():
     assert results[0].rank1 >= results[-1].rank1  # more distractors never help
 
 
+def test_search_keeps_exact_top_lists_with_ties_and_invalid_distractors():
+    """The streamed top-k / impostor lists (dense warm-up, then sparse merges) equal a full sort."""
+    rng = np.random.default_rng(3)
+    # Few distinct values (one-decimal grid): many ties at every cut-off.
+    probes = rng.integers(-3, 4, size=(40, 6)).astype(np.float32) / 10
+    distractors = rng.integers(-3, 4, size=(3000, 6)).astype(np.float32) / 10
+    valid = rng.random(3000) > 0.2
+    sizes = [5, 1100, 3000]
+    results = megaface.search_distractors(probes, distractors, sizes, top_k=7, impostor_keep=50,
+                                          chunk_size=300, valid=valid)
+    for result, size in zip(results, sizes):
+        dense = (probes.astype(np.float64) @ distractors[:size][valid[:size]].T.astype(np.float64))
+        expect_top = -np.sort(-dense, axis=1)[:, :7]
+        if expect_top.shape[1] < 7:
+            expect_top = np.pad(expect_top, ((0, 0), (0, 7 - expect_top.shape[1])), constant_values=-np.inf)
+        np.testing.assert_allclose(result.top_scores, expect_top, atol=1e-6)
+        np.testing.assert_allclose(result.impostor_top, -np.sort(-dense.ravel())[:50], atol=1e-6)
+
+
 def test_refined_protocol_matches_devkit_extra_dimension(tmp_path):
     """Our refined evaluation == brute force on the devkit's augmented features under L2 distance."""
     rng = np.random.default_rng(1)
