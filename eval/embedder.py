@@ -155,6 +155,9 @@ class OnnxEmbedder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         options = ort.SessionOptions()
+        # Idle intra-op threads that spin steal the cores from whatever runs next (PyTorch, data
+        # decoding) on small CPUs; evaluation batches are large enough not to need spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=providers or ["CPUExecutionProvider"])
