@@ -53,6 +53,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper: same weights, no recompiles
 
 
+def _probe_embedding_size(embedder: Embedder) -> int:
+    """Embedding size found by embedding one blank image (when the model does not declare it)."""
+    blank = np.zeros((1, preprocess.INPUT_SIZE, preprocess.INPUT_SIZE, 3), dtype=np.uint8)
+    return int(embedder.embed_images(blank).shape[1])
+
+
 class ModelEmbedder:
     """Embed with a live ``nn.Module`` (the training loop's backbone).
 
@@ -80,8 +86,7 @@ class ModelEmbedder:
     @property
     def embedding_size(self) -> int:
         if self._embedding_size is None:
-            blank = np.zeros((1, preprocess.INPUT_SIZE, preprocess.INPUT_SIZE, 3), dtype=np.uint8)
-            self._embedding_size = int(self.embed_images(blank).shape[1])
+            self._embedding_size = _probe_embedding_size(self)
         return self._embedding_size
 
     def _forward(self, images_uint8_nchw: torch.Tensor) -> torch.Tensor:
@@ -178,8 +183,7 @@ class OnnxEmbedder:
     @property
     def embedding_size(self) -> int:
         if self._embedding_size is None:
-            blank = np.zeros((1, preprocess.INPUT_SIZE, preprocess.INPUT_SIZE, 3), dtype=np.uint8)
-            self._embedding_size = int(self.embed_images(blank).shape[1])
+            self._embedding_size = _probe_embedding_size(self)
         return self._embedding_size
 
     def embed_images(self, rgb_uint8_nhwc: np.ndarray) -> np.ndarray:

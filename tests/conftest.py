@@ -16,3 +16,16 @@ if str(ROOT) not in sys.path:
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for forward-heavy test modules: on a shared 2-core runner two threads per
+    process oversubscribe the cores and run several times slower (measured: r18 batch 1, 0.13 s with one
+    thread vs 0.7 s with two under load); the previous setting is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -25,15 +25,8 @@ from recordio_tools.synth import render_identity_image, render_identity_sample
 EMBEDDING_SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for these forward-heavy tests: on a shared 2-core runner two threads per
-    process oversubscribe the cores and run several times slower (measured: r18 batch 1, 0.13 s with one
-    thread vs 0.7 s with two under load); the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Forward-heavy tests: one intra-op thread (see tests/conftest.py::single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,15 +33,8 @@ from backbones import create_backbone, list_backbones
 DEEP = {"r100", "r200"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for these forward-heavy tests: on a shared 2-core runner two threads per
-    process oversubscribe the cores and run several times slower (measured: r18 batch 1, 0.13 s with one
-    thread vs 0.7 s with two under load); the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Forward-heavy tests: one intra-op thread (see tests/conftest.py::single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = dict(parity_batch_sizes=(1, 4), latency_runs=0, progress=False)
 
 
