@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=24, help="images per training identity")
     parser.add_argument("--heldout-identities", type=int, default=100, help="held-out identities")
     parser.add_argument("--pairs", type=int, default=600, help="held-out verification pairs")
-    parser.add_argument("--steps", type=int, default=400, help="training updates")
+    parser.add_argument("--steps", type=int, default=500, help="training updates")
     parser.add_argument("--interrupt-at", type=int, default=None,
                         help="stop at this update and resume (default: half way)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo)")
