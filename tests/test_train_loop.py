@@ -322,3 +322,57 @@ def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: 
     (ckpts / "step_00000009").mkdir()  # no meta.json: incomplete, never counted as a checkpoint
     prune_checkpoints(ckpts, keep_last=2)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000004", "step_00000009"]
+
+
+def test_bf16_autocast_tracks_the_fp32_run(tmp_path: Path) -> None:
+    """Backbone under bf16 autocast, Partial FC in fp32: the losses follow the fp32 run of the same config
+    within bf16 rounding, across a stop and resume."""
+    ensure_margins()
+    from arcface.train import train
+
+    reference = train(make_cfg(tmp_path / "fp32", 6), backbone_factory=tiny_factory)
+    out = tmp_path / "bf16"
+    first = train(make_cfg(out, 6, "runtime.amp=bf16"), max_steps=3, backbone_factory=tiny_factory)
+    second = train(make_cfg(out, 6, "runtime.amp=bf16"), backbone_factory=tiny_factory)
+    losses = torch.tensor(first["losses"] + second["losses"])
+    assert second["resumed_from"] == first["checkpoint"]
+    assert torch.isfinite(losses).all() and second["nonfinite_total"] == 0
+    torch.testing.assert_close(losses, torch.tensor(reference["losses"]), rtol=0.05, atol=0.05)
+
+
+def test_fp16_grad_scaler_skips_overflows_then_trains(tmp_path: Path) -> None:
+    """fp16 autocast with the grad scaler: updates whose scaled gradients overflow are skipped (recorded as
+    NaN, not counted as non-finite losses) while the scale drops; then updates apply, and the scaler's
+    state survives a resume."""
+    ensure_margins()
+    from arcface.train import train
+
+    out = tmp_path / "fp16"
+    cfg = make_cfg(out, 6, "runtime.amp=fp16", "schedule.total_steps=12")
+    first = train(cfg, max_steps=6, backbone_factory=tiny_factory)
+    second = train(cfg, backbone_factory=tiny_factory)
+    losses = first["losses"] + second["losses"]
+    applied = [v for v in losses if math.isfinite(v)]
+    assert second["resumed_from"] == first["checkpoint"]
+    assert first["nonfinite_total"] == 0 and second["nonfinite_total"] == 0
+    assert len(applied) >= 6  # the scale settled within the first half
+    assert all(math.isfinite(v) for v in second["losses"])  # restored scale: no new overflow bursts
+
+
+def test_adamw_and_dense_fc_update_train(tmp_path: Path) -> None:
+    """AdamW for backbone and FC with the dense FC update and sampling: every FC row moves each step
+    (dense, weight decay on all rows), across a resume, with finite losses."""
+    ensure_margins()
+    from arcface.train import train
+
+    out = tmp_path / "adamw"
+    extra = ("optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.05", "fc.update=dense",
+             "fc.sample_rate=0.5")
+    start = train(make_cfg(out, 6, *extra), max_steps=1, backbone_factory=tiny_factory)
+    fc_after_one = global_fc(Path(start["checkpoint"]))
+    final = train(make_cfg(out, 6, *extra), backbone_factory=tiny_factory)
+    fc_final = global_fc(Path(final["checkpoint"]))
+    # Dense AdamW with weight decay changes every row, sampled this step or not.
+    assert bool(((fc_final - fc_after_one).abs().sum(dim=1) > 0).all())
+    assert final["resumed_from"] == start["checkpoint"]
+    assert all(math.isfinite(v) for v in start["losses"] + final["losses"])
