@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones import create_backbone, list_backbones  # noqa: E402
 
 CLOCK: Callable[[], float] = time.perf_counter
-CPU_BATCH = {"mobilefacenet": 32, "r18": 8, "r34": 8, "r50": 8, "r100": 2, "r200": 2}
+CPU_BATCH = {"mobilefacenet": 32, "mobilefacenet_s": 32, "r18": 8, "r34": 8, "r50": 8, "r100": 2, "r200": 2}
 BF16_DEFAULT = ("mobilefacenet", "r18")
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name not in list_backbones():
             parser.error(f"--names: unknown backbone {name!r}; known: {', '.join(list_backbones())}")
-    batches = {n: args.batch or (CPU_BATCH[n] if on_cpu else 32) for n in list_backbones()}
+    batches = {n: args.batch or (CPU_BATCH.get(n, 8) if on_cpu else 32) for n in list_backbones()}
     bf16_batch = args.bf16_batch or (2 if on_cpu else 32)
     bf16_names = args.bf16_names or (list(BF16_DEFAULT) if on_cpu else names)
     min_time = args.min_time
