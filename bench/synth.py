@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-learn", action="store_true", help="skip the learnability check")
     parser.add_argument("--images", type=int, default=None, help="images for the speed table")
     parser.add_argument("--train-seconds", type=float, default=None, help="CPU training time budget")
-    parser.add_argument("--plot", default="bench_synth_learnability.png", help="learnability plot (PNG)")
+    parser.add_argument("--plot", default=str(Path(__file__).with_name("synth_learnability.png")),
+                        help="learnability plot (PNG)")
     parser.add_argument("--backbone", choices=["small", "mobilefacenet"], default="small",
                         help="network of the learnability check (mobilefacenet: ~15 s/step on a busy CPU)")
     args = parser.parse_args(argv)
