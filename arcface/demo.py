@@ -106,8 +106,10 @@ def _accuracy(report_dir: Path, pack: str) -> tuple[float, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="./run.sh demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every knob's default."""
+
+    parser = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__, formatter_class=_Formatter)
     parser.add_argument("--out", default="demo_out", help="output folder (replaced if it holds a demo)")
     parser.add_argument("--identities", type=int, default=400, help="training identities")
     parser.add_argument("--images", type=int, default=24, help="images per training identity")
