@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import synth
 from .codec import IR_SIZE, decode_image, encode_image, read_frame, unpack
 from .dataset import open_dataset, read_property, resolve_dataset_path
 from .errors import RecordIOError, format_location
@@ -499,12 +500,6 @@ def _cmd_bin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth_unavailable(args: argparse.Namespace) -> int:
-    print("pack_rec synth: the synthetic face generator (recordio_tools.synth) is not installed in this "
-          "checkout yet", file=sys.stderr)
-    return 2
-
-
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``pack_rec`` argument parser."""
@@ -581,13 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=95)
     p.set_defaults(func=_cmd_bin)
 
-    try:
-        from .synth import add_cli
-    except ImportError:
-        p = commands.add_parser("synth", help="synthetic face identities (not available in this checkout)")
-        p.set_defaults(func=_synth_unavailable)
-    else:
-        add_cli(commands)
+    synth.add_cli(commands)
     return parser
 
 

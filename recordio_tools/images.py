@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .align import align_face
 from .codec import decode_image, encode_image
 from .errors import ImageError, PackError
 
@@ -223,11 +224,6 @@ def encode_source_image(item: SourceItem, options: EncodeOptions) -> bytes:
     image = decode_image(np.frombuffer(original, dtype=np.uint8), where)
     changed = False
     if item.landmarks is not None and not item.aligned:
-        try:
-            from .align import align_face
-        except ImportError:
-            raise ImageError("5-point alignment needs recordio_tools.align, which is not installed yet",
-                             where) from None
         try:
             image = align_face(image, item.landmarks)
         except ValueError as error:

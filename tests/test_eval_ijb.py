@@ -17,20 +17,6 @@ OFFSET = np.array([20.0, 9.0], dtype=np.float32)  # where the 112x112 face sits 
 N_IDS = 6
 
 
-def _align_stand_in(image, landmarks, size=112):
-    # Used only until recordio_tools.align lands: similarity transform to the ArcFace template.
-    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, np.float32), TEMPLATE, method=cv2.LMEDS)
-    return cv2.warpAffine(image, matrix, (size, size), borderValue=0)
-
-
-@pytest.fixture(autouse=True)
-def _alignment(monkeypatch):
-    try:
-        import recordio_tools.align  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(ijb, "_align_face", _align_stand_in)
-
-
 class ColourEmbedder:
     """'Perfect' model: the identity is painted into the face centre; it maps identity -> fixed vector."""
 

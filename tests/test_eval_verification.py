@@ -97,29 +97,11 @@ def test_golden_pack_and_bad_packs(tmp_path, data_dir):
         verification.evaluate_pack(IdentityPainter(), verification.load_pack(tmp_path / "broken.bin"))
 
 
-class _StandInNet(nn.Module):
-    """Used only until backbones.create_backbone lands: small, asymmetric, with BN and dropout."""
-
-    def __init__(self, embedding_size: int = 64, dropout: float = 0.0):
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.PReLU(8),
-                                  nn.Conv2d(8, 16, 3, 2, 1), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                  nn.Dropout(dropout), nn.Linear(256, embedding_size),
-                                  nn.BatchNorm1d(embedding_size))
-
-    def forward(self, x):
-        return self.body(x)
-
-
 @pytest.fixture
-def small_backbone(monkeypatch):
-    import backbones
+def small_backbone():
+    from backbones import create_backbone
 
-    if hasattr(backbones, "create_backbone"):
-        return "mobilefacenet", backbones.create_backbone("mobilefacenet", embedding_size=64)
-    monkeypatch.setattr(backbones, "create_backbone", lambda name, **kw: _StandInNet(**kw), raising=False)
-    return "stand_in", _StandInNet(64)
+    return "mobilefacenet", create_backbone("mobilefacenet", embedding_size=64)
 
 
 @pytest.mark.slow

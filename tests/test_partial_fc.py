@@ -16,30 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcface.distributed import scale_gradient
+from arcface.margins import CombinedMargin
 from arcface.partial_fc import PartialFC, distributed_cross_entropy, init_fc_weight
 from arcface.partition import ClassPartition
 from tests.dist_utils import run_distributed
-
-try:  # the real margins (arcface/margins.py, another engineer's module) when they have landed
-    from arcface.margins import CombinedMargin as _RealCombinedMargin
-except ImportError:  # pragma: no cover - stand-in until then
-    _RealCombinedMargin = None
-
-
-class _StandInCombinedMargin(nn.Module):
-    """``s * (cos(m1 * theta + m2) - m3)`` at the target column, ``s * cos`` elsewhere (closed form)."""
-
-    def __init__(self, scale: float, m1: float, m2: float, m3: float) -> None:
-        super().__init__()
-        self.scale, self.m1, self.m2, self.m3 = scale, m1, m2, m3
-
-    def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = (labels >= 0).nonzero().squeeze(1)
-        target = cos_theta[rows, labels[rows]].clamp(-1 + 1e-7, 1 - 1e-7)
-        margined = torch.cos(self.m1 * torch.acos(target) + self.m2) - self.m3
-        logits = cos_theta.index_put((rows, labels[rows]), margined)
-        return logits * self.scale
-
 
 # (scale, m1 SphereFace multiplicative, m2 ArcFace additive angular, m3 CosFace additive cosine)
 MARGINS = {"arcface": (64.0, 1.0, 0.5, 0.0), "cosface": (64.0, 1.0, 0.0, 0.35),
@@ -56,9 +36,7 @@ def make_margin(kind: str) -> nn.Module:
 
         return build_margin(kind)
     scale, m1, m2, m3 = MARGINS[kind]
-    if _RealCombinedMargin is not None:
-        return _RealCombinedMargin(scale, m1, m2, m3)
-    return _StandInCombinedMargin(scale, m1, m2, m3)
+    return CombinedMargin(scale, m1, m2, m3)
 
 
 def dense_reference(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,

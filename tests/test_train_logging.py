@@ -78,9 +78,7 @@ def test_cli_rejects_bad_config_with_named_key(capsys: pytest.CaptureFixture[str
 def test_cli_trains_registered_backbone_and_checkpoint_loads(tmp_path: Path) -> None:
     """``arcface-train cpu_synthetic ...`` end to end: config.json, log, and a checkpoint that
     ``arcface.checkpoint.load_backbone`` rebuilds from its stored config alone."""
-    from tests.test_train_loop import ensure_margins
 
-    ensure_margins()
     from arcface.checkpoint import load_backbone
     from arcface.train import main
 

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -29,31 +28,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.dist_utils import run_distributed  # noqa: E402
-
-# -- local stand-ins ---------------------------------------------------------------------------------------
-
-def ensure_margins() -> None:
-    """Stand-in for arcface.margins until it lands (the loop only needs build_margin(name, **kw))."""
-    try:
-        import arcface.margins  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    class _AdditiveCosine(nn.Module):
-        def __init__(self, scale: float = 64.0, m3: float = 0.0, **_: object) -> None:
-            super().__init__()
-            self.scale, self.m3 = scale, m3
-
-        def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            logits = cos_theta.clone()
-            rows = (labels >= 0).nonzero().squeeze(1)
-            logits[rows, labels[rows]] -= self.m3
-            return logits * self.scale
-
-    module = types.ModuleType("arcface.margins")
-    module.build_margin = lambda name, **kw: _AdditiveCosine(**kw)  # type: ignore[attr-defined]
-    sys.modules["arcface.margins"] = module
 
 
 class TinyNet(nn.Module):
@@ -110,7 +84,6 @@ def backbone_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def _w2_train_in_two_halves(rank: int, world_size: int, out: str) -> dict:
     """W=2, 6 rank-local samples each: 3 updates, stop (checkpoint), resume, 3 more."""
-    ensure_margins()
     from arcface.train import train
 
     cfg = make_cfg(Path(out), 6)
@@ -122,7 +95,6 @@ def _w2_train_in_two_halves(rank: int, world_size: int, out: str) -> dict:
 
 def _w3_load_then_continue(rank: int, world_size: int, out: str) -> dict:
     """W=3: load the W=2 step-3 checkpoint directly (FC rows of this rank), then continue training."""
-    ensure_margins()
     from arcface.margins import build_margin
     from arcface.optim import build_backbone_optimizer
     from arcface.partial_fc import PartialFC
@@ -149,7 +121,6 @@ def _w3_load_then_continue(rank: int, world_size: int, out: str) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One process, batch 12, 6 uninterrupted updates: the reference every other run must reproduce."""
-    ensure_margins()
     from arcface.train import train
 
     out = tmp_path_factory.mktemp("ref")
@@ -201,7 +172,6 @@ def test_two_ranks_equal_one_rank_and_reshard_to_three_and_one(reference: dict, 
         torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64), ref_losses[3:],
                                    rtol=1e-5, atol=1e-6)
 
-    ensure_margins()
     from arcface.train import train
 
     w1 = train(make_cfg(tmp_path / "w1", 12), backbone_factory=tiny_factory)
@@ -212,7 +182,6 @@ def test_two_ranks_equal_one_rank_and_reshard_to_three_and_one(reference: dict, 
 
 def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> None:
     """BN backbone, sampled FC (negative-sampler RNG), accumulation 2: stop by SIGTERM at step 2, resume."""
-    ensure_margins()
     from arcface.train import train
 
     extra = ("fc.sample_rate=0.5", "optim.accumulation_steps=2", "runtime.batch_size=6", "optim.grad_clip=5")
@@ -243,7 +212,6 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> Non
 
 
 def test_nonfinite_loss_skipped_then_stops(tmp_path: Path) -> None:
-    ensure_margins()
     from arcface.train import NonFiniteLossError, train
 
     nets: list[TinyNet] = []
@@ -273,7 +241,6 @@ def test_nonfinite_loss_skipped_then_stops(tmp_path: Path) -> None:
 
 
 def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: Path) -> None:
-    ensure_margins()
     from arcface.checkpoint import CheckpointError, save_backbone_checkpoint
     from arcface.margins import build_margin
     from arcface.optim import build_backbone_optimizer
@@ -327,7 +294,6 @@ def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: 
 def test_bf16_autocast_tracks_the_fp32_run(tmp_path: Path) -> None:
     """Backbone under bf16 autocast, Partial FC in fp32: the losses follow the fp32 run of the same config
     within bf16 rounding, across a stop and resume."""
-    ensure_margins()
     from arcface.train import train
 
     reference = train(make_cfg(tmp_path / "fp32", 6), backbone_factory=tiny_factory)
@@ -344,7 +310,6 @@ def test_fp16_grad_scaler_skips_overflows_then_trains(tmp_path: Path) -> None:
     """fp16 autocast with the grad scaler: updates whose scaled gradients overflow are skipped (recorded as
     NaN, not counted as non-finite losses) while the scale drops; then updates apply, and the scaler's
     state survives a resume."""
-    ensure_margins()
     from arcface.train import train
 
     out = tmp_path / "fp16"
@@ -362,7 +327,6 @@ def test_fp16_grad_scaler_skips_overflows_then_trains(tmp_path: Path) -> None:
 def test_adamw_and_dense_fc_update_train(tmp_path: Path) -> None:
     """AdamW for backbone and FC with the dense FC update and sampling: every FC row moves each step
     (dense, weight decay on all rows), across a resume, with finite losses."""
-    ensure_margins()
     from arcface.train import train
 
     out = tmp_path / "adamw"

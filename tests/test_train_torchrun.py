@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.dist_utils import find_free_port  # noqa: E402
-from tests.test_train_loop import ensure_margins, make_cfg, tiny_factory  # noqa: E402
+from tests.test_train_loop import make_cfg, tiny_factory  # noqa: E402
 
 TIMEOUT_S = 240
 
@@ -43,7 +43,6 @@ def _write_pack(path: Path, pairs: int = 10) -> Path:
 
 
 def _worker_main(out: str, kill_step: int, *overrides: str) -> None:
-    ensure_margins()
     from arcface.distributed import destroy_distributed
     from arcface.train import train
 
@@ -61,7 +60,6 @@ def _worker_main(out: str, kill_step: int, *overrides: str) -> None:
 
 
 def _reference_losses(tmp_path: Path) -> list[float]:
-    ensure_margins()
     from arcface.train import train
 
     return train(make_cfg(tmp_path / "reference", 12), backbone_factory=tiny_factory)["losses"]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.test_train_loop import TinyNet, ensure_margins, make_cfg, tiny_factory  # noqa: E402
+from tests.test_train_loop import TinyNet, make_cfg, tiny_factory  # noqa: E402
 
 NUISANCE_DIRS = 8
 
@@ -78,7 +78,6 @@ def build_data(root: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_short_run_verifies_held_out_identities(tmp_path: Path) -> None:
-    ensure_margins()
     from arcface.train import train
     from eval.embedder import ModelEmbedder
     from eval.verification import evaluate_pack, load_pack
