@@ -287,6 +287,8 @@ class RuntimeConfig(_Section):
     batch_size: int = _f(128, "micro-batch size per rank")
     amp: str = _f("none", "backbone autocast: 'none', 'fp16' (with a grad scaler) or 'bf16'")
     compile: bool = _f(False, "torch.compile the backbone")
+    compile_backend: str = _f("inductor", "torch.compile backend: 'inductor' (generated kernels; needs a C++ "
+                              "compiler on CPU), 'aot_eager' (graph capture only, quick to start) or 'eager'")
     channels_last: bool = _f(False, "channels_last memory format for the backbone")
     seed: int = _f(2048, "seed of model initialisation and of the Partial FC negative sampling")
     device: str = _f("auto", "'auto' (CUDA local rank if available), 'cpu' or 'cuda'")
@@ -297,6 +299,7 @@ class RuntimeConfig(_Section):
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, self._key("batch_size"), "must be >= 1", self.batch_size)
         _choice(self._key("amp"), self.amp, ("none", "fp16", "bf16"))
+        _choice(self._key("compile_backend"), self.compile_backend, ("inductor", "aot_eager", "eager"))
         _check(self.seed >= 0, self._key("seed"), "must be >= 0", self.seed)
         _choice(self._key("device"), self.device, ("auto", "cpu", "cuda"))
         _check(self.max_nonfinite_steps >= 1, self._key("max_nonfinite_steps"), "must be >= 1",

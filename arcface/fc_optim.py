@@ -24,6 +24,7 @@ Update rules (``g`` the gradient row, ``w`` the weight row, only for touched row
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -36,9 +37,37 @@ ROW_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")
 
 
 def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique touched rows and their summed gradient rows of a sparse COO gradient."""
-    grad = grad.coalesce()
+    """Unique touched rows and their summed gradient rows of a sparse COO gradient.
+
+    ``PartialFC`` emits strictly increasing rows (already coalesced), but autograd's gradient
+    accumulation drops the coalesced flag; checking the order costs O(rows) instead of the sort and
+    copy of every value row that ``coalesce()`` would do.
+    """
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+        else:
+            return rows, grad._values()
     return grad.indices()[0], grad.values()
+
+
+class _Scratch:
+    """Reusable row buffers for the sparse update: a fresh multi-hundred-MB tensor every step costs
+    more in page faults than the copy itself on CPU. Kept outside ``state`` (never checkpointed)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def rows_of(self, name: str, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``source.index_select(0, rows)`` written into the buffer ``name``."""
+        shape = (rows.numel(), *source.shape[1:])
+        buffer = self._buffers.get(name)
+        if (buffer is None or buffer.numel() < math.prod(shape) or buffer.dtype != source.dtype
+                or buffer.device != source.device):
+            buffer = torch.empty(math.prod(shape), dtype=source.dtype, device=source.device)
+            self._buffers[name] = buffer
+        return torch.index_select(source, 0, rows, out=buffer[:math.prod(shape)].view(shape))
 
 
 class RowSGD(Optimizer):
@@ -53,6 +82,7 @@ class RowSGD(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"fc optimizer weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self._scratch = _Scratch()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -69,22 +99,28 @@ class RowSGD(Optimizer):
                 if momentum and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
                 if param.grad.is_sparse:
+                    # buf = momentum * buf + g + wd * w on the touched rows, then w -= lr * buf.
                     rows, grad = _rows_and_values(param.grad)
-                    weight_rows = param.index_select(0, rows)
-                    if weight_decay:
-                        grad = grad.add(weight_rows, alpha=weight_decay)
+                    weight_rows = self._scratch.rows_of("weight", param, rows) if weight_decay else None
                     if momentum:
-                        buf = state["momentum_buffer"].index_select(0, rows).mul_(momentum).add_(grad)
-                        state["momentum_buffer"].index_copy_(0, rows, buf)
-                        grad = buf
-                    param.index_copy_(0, rows, weight_rows.add_(grad, alpha=-lr))
+                        step = self._scratch.rows_of("buf", state["momentum_buffer"], rows)
+                        step.mul_(momentum).add_(grad)
+                        if weight_rows is not None:
+                            step.add_(weight_rows, alpha=weight_decay)
+                        state["momentum_buffer"].index_copy_(0, rows, step)
+                    else:
+                        step = grad if weight_rows is None else grad.add(weight_rows, alpha=weight_decay)
+                    param.index_add_(0, rows, step, alpha=-lr)
+                elif momentum:
+                    # In place: no temporary the size of the shard (the same update as torch's SGD).
+                    buf = state["momentum_buffer"].mul_(momentum).add_(param.grad)
+                    if weight_decay:
+                        buf.add_(param, alpha=weight_decay)
+                    param.add_(buf, alpha=-lr)
                 else:
-                    grad = param.grad
                     if weight_decay:
-                        grad = grad.add(param, alpha=weight_decay)
-                    if momentum:
-                        grad = state["momentum_buffer"].mul_(momentum).add_(grad)
-                    param.add_(grad, alpha=-lr)
+                        param.mul_(1 - lr * weight_decay)
+                    param.add_(param.grad, alpha=-lr)
         return loss
 
 

@@ -83,6 +83,29 @@ def _replace_target(cos_theta: torch.Tensor, labels: torch.Tensor, new_target: t
     return cos_theta.scatter(1, index, new_target.unsqueeze(1))
 
 
+class _ScaledWithTarget(torch.autograd.Function):
+    """``logits = scale * cos_theta`` with row i's target column set to ``scale * new_target[i]``.
+
+    The composed version (``scatter`` then ``* scale``) makes four ``[B, N]`` temporaries forward and
+    backward (scatter copy, scale, gather-backward zeros, their sum); this makes one each way. The
+    target's local slope ``d new_target / d cos_target`` (``[B]``, from autograd on the margin formula)
+    is supplied by the caller, so the gradient stays the formula's exact one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cos_theta: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
+                new_target: torch.Tensor, slope: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(index, slope)
+        ctx.scale = scale
+        return (cos_theta * scale).scatter_(1, index, (new_target * scale).unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        index, slope = ctx.saved_tensors
+        grad_target = grad_logits.gather(1, index) * (slope * ctx.scale).unsqueeze(1)
+        return (grad_logits * ctx.scale).scatter_(1, index, grad_target), None, None, None, None
+
+
 def _filter_negatives(logits: torch.Tensor, cos_theta: torch.Tensor, labels: torch.Tensor,
                       threshold: float) -> torch.Tensor:
     """Drop (logit -> -inf) negatives whose cosine exceeds ``threshold``: very confident "negatives"
@@ -143,13 +166,22 @@ class CombinedMargin(nn.Module):
         with torch.autocast(device_type=cos_theta.device.type, enabled=False):
             cos_theta = cos_theta.to(_compute_dtype(cos_theta))
             has_target, index = _target_columns(cos_theta, labels)
-            cos_target = cos_theta.gather(1, index).squeeze(1)
-            new_target = self.target_logit(cos_target)
-            if self.gradient == "straight_through":
-                new_target = cos_target + (new_target - cos_target).detach()
-            logits = _replace_target(cos_theta, labels, new_target, cos_target, has_target, index)
-            logits = _filter_negatives(logits, cos_theta, labels, self.interclass_filtering_threshold)
-            return logits * self.scale
+            cos_target = cos_theta.detach().gather(1, index).squeeze(1)
+            # The [B] target values and their exact slopes come from autograd on the formula; the
+            # [B, N] work is one fused pass each way (_ScaledWithTarget).
+            with torch.enable_grad():
+                target_var = cos_target.clone().requires_grad_(cos_theta.requires_grad)
+                new_target = self.target_logit(target_var)
+                if self.gradient == "straight_through":
+                    new_target = target_var + (new_target - target_var).detach()
+            if cos_theta.requires_grad:
+                slope, = torch.autograd.grad(new_target.sum(), target_var)
+                slope = torch.where(has_target, slope, torch.ones_like(slope))
+            else:
+                slope = torch.ones_like(cos_target)
+            new_target = torch.where(has_target, new_target.detach(), cos_target)
+            logits = _ScaledWithTarget.apply(cos_theta, index, new_target, slope, self.scale)
+            return _filter_negatives(logits, cos_theta, labels, self.interclass_filtering_threshold)
 
 
 class AdaFace(nn.Module):

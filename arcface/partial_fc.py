@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from arcface.cosine_logits import cosine_logits
 from arcface.distributed import all_gather_autograd, all_gather_tensor, get_world_size, is_distributed
 from arcface.fc_optim import build_fc_optimizer
 from arcface.partition import ClassPartition
@@ -241,15 +241,12 @@ class PartialFC(nn.Module):
             local_targets = self.partition.to_local(total_labels)
             if self.sampling:
                 rows, targets = self.sample(local_targets)
-                if self.update == "sparse":
-                    # Sparse row gradient: only sampled rows get one (never a dense [num_local, D]).
-                    sampled_weight = F.embedding(rows, self.weight, sparse=True)
-                else:
-                    sampled_weight = self.weight[rows]
             else:
-                rows, targets, sampled_weight = None, local_targets, self.weight
+                rows, targets = None, local_targets
             self.sampled_rows = rows
-            cos_theta = F.linear(F.normalize(total_embeddings), F.normalize(sampled_weight))
+            # Sparse update: only the sampled rows get a gradient (a COO tensor, never [num_local, D]).
+            cos_theta = cosine_logits(total_embeddings, self.weight, rows,
+                                      grad_layout="sparse" if self.update == "sparse" else "dense")
             logits = self.margin(cos_theta, targets, **self._margin_inputs(total_embeddings, cos_theta,
                                                                           targets, distributed)).float()
             return distributed_cross_entropy(logits, targets, distributed)

@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                                                         else None)
         model = ddp_model
     if cfg.runtime.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.runtime.compile_backend)
     packs = _load_packs(cfg, rank) if cfg.eval.every > 0 else []
 
     logger = MetricLogger(output_dir, total_steps, cfg.global_batch_size(world_size), cfg.runtime.log_every,

@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import gc
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,30 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arcface.margins import build_margin  # noqa: E402
 from arcface.partial_fc import PartialFC  # noqa: E402
 from arcface.partition import ClassPartition  # noqa: E402
-
-
-class _ArcFace(nn.Module):
-    """s * cos(theta + m) at the target: a stand-in used only until arcface.margins exists."""
-
-    def __init__(self, scale: float = 64.0, margin: float = 0.5) -> None:
-        super().__init__()
-        self.scale, self.margin = scale, margin
-
-    def forward(self, cos_theta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = (labels >= 0).nonzero().squeeze(1)
-        target = cos_theta[rows, labels[rows]].clamp(-1 + 1e-7, 1 - 1e-7)
-        logits = cos_theta.index_put((rows, labels[rows]), torch.cos(torch.acos(target) + self.margin))
-        return logits.mul_(self.scale)
-
-
-def _margin() -> nn.Module:
-    try:
-        from arcface.margins import build_margin
-    except ImportError:
-        return _ArcFace()
-    return build_margin("arcface")
 
 
 class PeakMemory:
@@ -114,7 +94,7 @@ def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], a
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(batch, dim, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-    pfc = PartialFC(ClassPartition(num_classes, 1, 0), dim, _margin(), device=device, seed=0,
+    pfc = PartialFC(ClassPartition(num_classes, 1, 0), dim, build_margin("arcface"), device=device, seed=0,
                     check_labels=False)
     gib = 1024 ** 3
 
@@ -125,7 +105,7 @@ def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], a
     if ref_mb * 2 ** 20 <= args.mem_limit_gb * gib:
         weight = nn.Parameter(pfc.weight.detach().clone())
         optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-        margin = _margin()
+        margin = build_margin("arcface")
 
         def ref_step(optimizer: torch.optim.Optimizer = optimizer, weight: nn.Parameter = weight) -> None:
             optimizer.zero_grad()
@@ -235,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     print(f"Partial FC benchmark: W=1 (one process), device {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, D={dim}, global batch {args.batch}, SGD momentum, "
-          f"{args.warmup} warm-up + {args.repeats} timed steps", flush=True)
+          f"{args.warmup} warm-up + {args.repeats} timed steps, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
     memory = PeakMemory(device)
     rows: list[dict] = []
     for num_classes in classes:

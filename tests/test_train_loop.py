@@ -340,3 +340,24 @@ def test_adamw_and_dense_fc_update_train(tmp_path: Path) -> None:
     assert bool(((fc_final - fc_after_one).abs().sum(dim=1) > 0).all())
     assert final["resumed_from"] == start["checkpoint"]
     assert all(math.isfinite(v) for v in start["losses"] + final["losses"])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_in_the_loop_tracks_the_eager_run(tmp_path: Path, backend: str) -> None:
+    """runtime.compile: the compiled backbone trains like the eager one (same losses, same weights), across
+    a stop and resume; checkpoints hold the plain network's keys (no compile wrapper prefix)."""
+    from arcface.train import train
+
+    reference = train(make_cfg(tmp_path / "eager", 6), backbone_factory=tiny_bn_factory)
+    out = tmp_path / backend
+    extra = ("runtime.compile=true", f"runtime.compile_backend={backend}")
+    first = train(make_cfg(out, 6, *extra), max_steps=3, backbone_factory=tiny_bn_factory)
+    second = train(make_cfg(out, 6, *extra), backbone_factory=tiny_bn_factory)
+    assert second["resumed_from"] == first["checkpoint"]
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
+                               torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    compiled_state = backbone_state(Path(second["checkpoint"]))
+    eager_state = backbone_state(Path(reference["checkpoint"]))
+    assert sorted(compiled_state) == sorted(eager_state)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
