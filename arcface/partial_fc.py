@@ -7,7 +7,9 @@ Each rank owns the fp32 centres of its contiguous block of classes (:class:`Clas
 2. Partial FC sampling (``sample_rate < 1``): keep every class of this shard that is a positive of the
    global batch, add negatives drawn uniformly at random (seeded generator) up to
    ``floor(sample_rate * num_local)`` rows, remap the labels to the sampled columns;
-3. cosine logits ``normalize(embeddings) @ normalize(sampled_weight).T`` in fp32;
+3. cosine logits ``normalize(embeddings) @ normalize(sampled_weight).T`` in fp32
+   (:func:`arcface.cosine_logits.cosine_logits`: the rows are gathered once and that buffer becomes
+   their gradient, a sparse COO tensor of the sampled rows for the sparse update);
 4. the margin module on the local columns (label ``-1`` where the target is on another rank);
 5. distributed softmax cross-entropy: max all-reduce, sum all-reduce, exact log-sum-exp loss.
 
@@ -18,13 +20,15 @@ ranks, so the trainer must put ``arcface.distributed.scale_gradient(embeddings, 
 the DDP backbone and this module; then backbone gradients equal the dense single-process ones.
 
 Memory per rank (fp32, ``D`` = embedding size, ``B`` = global batch, ``k`` = sampled rows of the shard
-= ``max(floor(rate * num_local), positives here)``)::
+= ``max(floor(rate * num_local), positives here)``; a sum of parts, so an upper bound)::
 
     weights          4 * num_local * D
-    optimizer state  4 * num_local * D  (SGD momentum)  or  8 * num_local * D + 4 * num_local (AdamW)
-    gradient         4 * num_local * D  (dense update)  or  (4 * D + 8) * k  (sparse rows + indices)
-    activations      ~ 8 * k * D (sampled + normalised rows; 4 * k * D at rate 1)
-                       + 12 * B * k (cos_theta, logits, softmax) + 8 * B * D (gathered embeddings)
+    optimizer state  SGD: 4 * num_local * D (momentum) + 8 * k * D (sparse update: 2 reused row buffers)
+                     AdamW: 8 * num_local * D + 4 * num_local (+ 24 * k * D of row temporaries, sparse)
+    gradient         4 * num_local * D  (dense update, or rate 1)
+                     (4 * D + 8) * k    (sparse update: the gathered rows become the gradient values)
+    activations      4 * k * D (gathered rows, dense update with rate < 1 only)
+                     + 12 * B * k (cos_theta, softmax, the logits' gradient) + 8 * B * D (embeddings)
 """
 
 from __future__ import annotations
@@ -286,15 +290,25 @@ class PartialFC(nn.Module):
                                   betas=betas, eps=eps)
 
     def memory_bytes(self, global_batch: int, optimizer: str = "sgd") -> dict[str, int]:
-        """The documented per-rank memory formula (bytes), used by the benchmark to check measurements."""
-        num_local, dim = self.partition.num_local, self.embedding_size
-        k = self.num_sample
+        """The documented per-rank memory formula (bytes), used by the benchmark to check measurements.
+
+        A sum of parts, so an upper bound: the optimiser's per-step row buffers exist only after the
+        activations are freed.
+        """
+        num_local, dim, k, batch = (self.partition.num_local, self.embedding_size, self.num_sample,
+                                    global_batch)
         sampled_update = self.sampling and self.update == "sparse"
+        if optimizer == "sgd":  # momentum; the sparse step keeps two reusable [k, D] row buffers
+            optimizer_bytes = 4 * num_local * dim + (8 * k * dim if sampled_update else 0)
+        else:  # exp_avg, exp_avg_sq, per-row step; the sparse step's row temporaries (~6 [k, D])
+            optimizer_bytes = 8 * num_local * dim + 4 * num_local + (24 * k * dim if sampled_update else 0)
         return {
             "weights": 4 * num_local * dim,
-            "optimizer": 4 * num_local * dim if optimizer == "sgd" else 8 * num_local * dim + 4 * num_local,
+            "optimizer": optimizer_bytes,
+            # sparse: the gathered, normalised rows become the gradient values (+ int64 row ids)
             "gradient": (4 * dim + 8) * k if sampled_update else 4 * num_local * dim,
-            # sampled rows (only when sampling) + their normalised copy; cos_theta, logits, softmax
-            "activations": (8 if self.sampling else 4) * k * dim + 12 * global_batch * k
-            + 8 * global_batch * dim,
+            # the gathered rows beside a dense gradient; cos_theta, softmax and the logits' gradient;
+            # the gathered embeddings and their normalised copy
+            "activations": (4 * k * dim if self.sampling and not sampled_update else 0) + 12 * batch * k
+            + 8 * batch * dim,
         }

@@ -213,3 +213,9 @@ def test_reference_documents_every_key():
         for f in dataclasses.fields(getattr(TrainConfig(), section.name)):
             assert f"`{section.name}.{f.name}`" in table
             assert f.metadata.get("doc"), f"{section.name}.{f.name} has no documentation"
+
+
+def test_configuration_doc_lists_every_key_as_the_code_defines_it():
+    """docs/configuration.md's key table is the generated one (regenerate with config_reference())."""
+    doc = (CONFIGS_DIR.parent / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc
