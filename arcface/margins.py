@@ -84,38 +84,38 @@ def _replace_target(cos_theta: torch.Tensor, labels: torch.Tensor, new_target: t
 
 
 class _ScaledWithTarget(torch.autograd.Function):
-    """``logits = scale * cos_theta`` with row i's target column set to ``scale * new_target[i]``.
+    """``logits = scale * cos_theta`` with row i's target column set to ``scale * new_target[i]``, and,
+    with a filtering ``threshold > 0``, negatives whose cosine exceeds it set to ``-inf`` (no gradient).
 
-    The composed version (``scatter`` then ``* scale``) makes four ``[B, N]`` temporaries forward and
-    backward (scatter copy, scale, gather-backward zeros, their sum); this makes one each way. The
-    target's local slope ``d new_target / d cos_target`` (``[B]``, from autograd on the margin formula)
-    is supplied by the caller, so the gradient stays the formula's exact one.
+    The composed version (``scatter``, ``masked_fill``, ``* scale``) makes four to eight ``[B, N]``
+    temporaries forward and backward; this makes one float tensor each way (plus a bool mask when
+    filtering). The target's local slope ``d new_target / d cos_target`` (``[B]``, from autograd on the
+    margin formula) is supplied by the caller, so the gradient stays the formula's exact one.
     """
 
     @staticmethod
     def forward(ctx: Any, cos_theta: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
-                new_target: torch.Tensor, slope: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(index, slope)
+                has_target: torch.Tensor, new_target: torch.Tensor, slope: torch.Tensor, scale: float,
+                threshold: float) -> torch.Tensor:
+        logits = (cos_theta * scale).scatter_(1, index, (new_target * scale).unsqueeze(1))
+        dropped = None
+        if threshold > 0:
+            dropped = cos_theta.detach() > threshold
+            # A row's own target is never dropped (rows without a target have no such column).
+            dropped.scatter_(1, index, dropped.gather(1, index) & ~has_target.unsqueeze(1))
+            logits.masked_fill_(dropped, float("-inf"))
+        ctx.save_for_backward(index, slope, dropped)
         ctx.scale = scale
-        return (cos_theta * scale).scatter_(1, index, (new_target * scale).unsqueeze(1))
+        return logits
 
     @staticmethod
     def backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        index, slope = ctx.saved_tensors
+        index, slope, dropped = ctx.saved_tensors
         grad_target = grad_logits.gather(1, index) * (slope * ctx.scale).unsqueeze(1)
-        return (grad_logits * ctx.scale).scatter_(1, index, grad_target), None, None, None, None
-
-
-def _filter_negatives(logits: torch.Tensor, cos_theta: torch.Tensor, labels: torch.Tensor,
-                      threshold: float) -> torch.Tensor:
-    """Drop (logit -> -inf) negatives whose cosine exceeds ``threshold``: very confident "negatives"
-    are most often the same person under another label (label noise), and pushing them away hurts."""
-    if threshold <= 0:
-        return logits
-    has_target, index = _target_columns(cos_theta, labels)
-    dirty = cos_theta.detach() > threshold
-    is_target = torch.zeros_like(dirty).scatter_(1, index, has_target.unsqueeze(1))
-    return logits.masked_fill(dirty & ~is_target, float("-inf"))
+        grad_cos = (grad_logits * ctx.scale).scatter_(1, index, grad_target)
+        if dropped is not None:
+            grad_cos.masked_fill_(dropped, 0.0)
+        return grad_cos, None, None, None, None, None, None
 
 
 class CombinedMargin(nn.Module):
@@ -127,7 +127,9 @@ class CombinedMargin(nn.Module):
         m2: ArcFace additive angular margin in radians (0 = none).
         m3: CosFace additive cosine margin (0 = none).
         gradient: ``"exact"`` or ``"straight_through"``.
-        interclass_filtering_threshold: if > 0, negatives with cosine above it are ignored.
+        interclass_filtering_threshold: if > 0, negatives with cosine above it are ignored (logit -inf):
+            very confident "negatives" are most often the same person under another label (label
+            noise), and pushing them away hurts.
     """
 
     def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, *,
@@ -180,8 +182,8 @@ class CombinedMargin(nn.Module):
             else:
                 slope = torch.ones_like(cos_target)
             new_target = torch.where(has_target, new_target.detach(), cos_target)
-            logits = _ScaledWithTarget.apply(cos_theta, index, new_target, slope, self.scale)
-            return _filter_negatives(logits, cos_theta, labels, self.interclass_filtering_threshold)
+            return _ScaledWithTarget.apply(cos_theta, index, has_target, new_target, slope, self.scale,
+                                           self.interclass_filtering_threshold)
 
 
 class AdaFace(nn.Module):

@@ -293,3 +293,20 @@ def test_build_margin_presets_and_errors():
         CombinedMargin(m1=0.5)
     with pytest.raises(ValueError, match="scale"):
         CombinedMargin(scale=0)
+
+
+def test_filtered_margin_gradient_matches_finite_differences():
+    """With inter-class filtering, dropped negatives get no gradient; everything else the exact one."""
+    cos_theta, labels = _cosines(8, 7, seed=5)
+    labels[::4] = -1
+    margin = CombinedMargin(16.0, 1.0, 0.4, 0.1, interclass_filtering_threshold=0.3)
+    dropped = torch.isinf(margin(cos_theta, labels))
+    assert dropped.any() and not dropped.all()
+
+    def finite_part(cos: torch.Tensor) -> torch.Tensor:
+        return margin(cos, labels).masked_fill(dropped, 0.0)
+
+    assert torch.autograd.gradcheck(finite_part, (cos_theta.clone().requires_grad_(),))
+    cos = cos_theta.clone().requires_grad_()
+    margin(cos, labels).masked_fill(dropped, 0.0).sum().backward()
+    assert bool((cos.grad[dropped] == 0).all())
