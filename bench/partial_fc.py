@@ -3,10 +3,12 @@
     python bench/partial_fc.py            # C in {100k, 1M, 2M} x D 512 x global batch 256
     python bench/partial_fc.py --quick    # C in {10k, 100k}, D 128, < 60 s
 
-One process (W = 1, so one rank holds all C classes; a W-rank run holds C / W per rank and adds three
-all-reduces of B floats plus one all-gather of B x D). Rates 1.0, 0.3, 0.1, sparse vs dense update, SGD
+One process by default (W = 1, so one rank holds all C classes); ``--world-size W`` runs W ranks on
+this machine (gloo on CPU, NCCL on W GPUs), each holding C / W classes and B / W samples, and reports
+the slowest rank's step and the largest rank's memory (a W-rank step adds two all-reduces of B floats,
+an all-gather of B x D and its reduce-scatter). Rates 1.0, 0.3, 0.1, sparse vs dense update, SGD
 with momentum. Reference in the same run: a plain dense classifier (``F.linear`` of normalised
-features and weights + ``F.cross_entropy`` + ``torch.optim.SGD``) at each C. Peak memory is the
+features and weights + ``F.cross_entropy`` + ``torch.optim.SGD``) at each C (W = 1 only). Peak memory is the
 process's peak RSS growth on CPU (VmHWM, reset per configuration) or ``max_memory_allocated`` on
 CUDA, next to the documented formula (``PartialFC.memory_bytes``). Configurations whose formula
 exceeds ``--mem-limit-gb`` are skipped (and listed) so the benchmark cannot exhaust a shared machine.
@@ -19,6 +21,7 @@ import ctypes
 import gc
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -109,20 +112,23 @@ def matmul_floor_ms(batch: int, rows: int, dim: int, args, device: torch.device)
 
 
 def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], args, device: torch.device,
-                   memory: PeakMemory) -> list[dict]:
+                   memory: PeakMemory, world_size: int = 1, rank: int = 0) -> list[dict]:
+    """Rows of one class count. With ``world_size > 1`` (inside a process group) this rank holds its
+    shard and ``batch / world_size`` samples of the same global batch; no dense reference is run."""
     rows: list[dict] = []
     generator = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(batch, dim, generator=generator).to(device)
-    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-    pfc = PartialFC(ClassPartition(num_classes, 1, 0), dim, build_margin("arcface"), device=device, seed=0,
-                    check_labels=False)
+    local = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
+    embeddings = torch.randn(batch, dim, generator=generator)[local].to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)[local].to(device)
+    pfc = PartialFC(ClassPartition(num_classes, world_size, rank), dim, build_margin("arcface"),
+                    device=device, seed=0, check_labels=False)
     gib = 1024 ** 3
 
     # Reference: the dense classifier, plain PyTorch.
     # weights, normalised copy, gradient, momentum + cos_theta, logits and softmax (fp32)
     ref_mb = (4 * 4 * num_classes * dim + 12 * batch * num_classes) / 2 ** 20
     ref_ms = float("nan")
-    if ref_mb * 2 ** 20 <= args.mem_limit_gb * gib:
+    if world_size == 1 and ref_mb * 2 ** 20 <= args.mem_limit_gb * gib:
         weight = nn.Parameter(pfc.weight.detach().clone())
         optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
         margin = build_margin("arcface")
@@ -164,8 +170,10 @@ def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], a
             row["peak_mb"] = (memory.peak() - in_use + formula["weights"]) / 2 ** 20
             row["skipped"] = False
             rows.append(row)
-            print(f"  C={num_classes:>9,} rate={rate:<4} {row['update']:<6} {row['ms']:9.1f} ms "
-                  f"peak {row['peak_mb']:8.0f} MB (formula {row['formula_mb']:8.0f} MB)", flush=True)
+            if rank == 0:
+                print(f"  C={num_classes:>9,} rate={rate:<4} {row['update']:<6} {row['ms']:9.1f} ms "
+                      f"peak {row['peak_mb']:8.0f} MB (formula {row['formula_mb']:8.0f} MB)"
+                      + (" (rank 0)" if world_size > 1 else ""), flush=True)
             del optimizer, step  # the closure's default holds the optimiser (and its state) too
             pfc.weight.grad = None
             gc.collect()
@@ -215,6 +223,49 @@ def print_goals(rows: list[dict]) -> None:
                   f"three matrix products, {a['matmul_ms']:.0f} ms, were free)")
 
 
+def _distributed_worker(rank: int, world_size: int, port: int, classes: list[int], dim: int, args,
+                        use_cuda: bool) -> None:
+    """One rank of ``--world-size W``: its shard of every configuration; rank 0 prints the slowest
+    rank's time and the largest rank's peak memory."""
+    import torch.distributed as dist
+
+    threads = max(1, args.total_threads // world_size)
+    torch.set_num_threads(threads)
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size)
+    try:
+        if rank == 0:
+            print(f"Partial FC benchmark: W={world_size} ranks ({dist.get_backend()}), device "
+                  f"{device.type}, torch {torch.__version__}, {threads} thread(s) per rank, D={dim}, global "
+                  f"batch {args.batch} ({args.batch // world_size} per rank), SGD momentum, {args.warmup} "
+                  f"warm-up + median of {args.repeats} timed steps, THP_MEM_ALLOC_ENABLE="
+                  f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
+        memory = PeakMemory(device)
+        rows: list[dict] = []
+        for num_classes in classes:
+            rows.extend(bench_one_size(num_classes, dim, args.batch, args.rates, args, device, memory,
+                                       world_size, rank))
+            gc.collect()
+        every_rank: list[list[dict] | None] = [None] * world_size
+        dist.all_gather_object(every_rank, rows)
+        if rank == 0:
+            merged = []
+            for per_rank in zip(*every_rank):  # type: ignore[arg-type]
+                row = dict(per_rank[0])
+                if not row["skipped"]:
+                    for key in ("ms", "peak_mb", "matmul_ms", "formula_mb"):
+                        row[key] = max(r[key] for r in per_rank)
+                merged.append(row)
+            print("\nPer rank (the slowest rank's step, the largest rank's memory; C / W classes per rank):")
+            print_table(merged)
+            print_goals(merged)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-limit-gb", type=float, default=8.0,
                         help="skip configurations whose formula memory exceeds this")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="ranks (processes on this machine: gloo on CPU, NCCL with one GPU each); each "
+                        "holds C / W classes and B / W samples; CPU threads are split between them")
     args = parser.parse_args(argv)
     classes = args.classes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000, 2_000_000])
     dim = args.dim or (128 if args.quick else 512)
@@ -237,7 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--classes, --dim and --batch must be positive")
     if any(not 0 < r <= 1 for r in args.rates):
         parser.error("--rates must be in (0, 1]")
+    if args.world_size < 1 or args.batch % args.world_size:
+        parser.error("--world-size must be >= 1 and divide --batch")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.world_size > 1:
+        if use_cuda and torch.cuda.device_count() < args.world_size:
+            parser.error(f"--world-size {args.world_size} needs as many GPUs "
+                         f"({torch.cuda.device_count()} here)")
+        args.total_threads = torch.get_num_threads()
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        torch.multiprocessing.spawn(_distributed_worker, args=(args.world_size, port, classes, dim, args,
+                                                               use_cuda), nprocs=args.world_size)
+        return 0
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     print(f"Partial FC benchmark: W=1 (one process), device {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, D={dim}, global batch {args.batch}, SGD momentum, "
