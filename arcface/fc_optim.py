@@ -59,15 +59,20 @@ class _Scratch:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
+    def empty(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor with ``like``'s dtype and device, from the buffer ``name``."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if (buffer is None or buffer.numel() < size or buffer.dtype != like.dtype
+                or buffer.device != like.device):
+            buffer = torch.empty(size, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buffer
+        return buffer[:size].view(shape)
+
     def rows_of(self, name: str, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``source.index_select(0, rows)`` written into the buffer ``name``."""
-        shape = (rows.numel(), *source.shape[1:])
-        buffer = self._buffers.get(name)
-        if (buffer is None or buffer.numel() < math.prod(shape) or buffer.dtype != source.dtype
-                or buffer.device != source.device):
-            buffer = torch.empty(math.prod(shape), dtype=source.dtype, device=source.device)
-            self._buffers[name] = buffer
-        return torch.index_select(source, 0, rows, out=buffer[:math.prod(shape)].view(shape))
+        out = self.empty(name, (rows.numel(), *source.shape[1:]), source)
+        return torch.index_select(source, 0, rows, out=out)
 
 
 class RowSGD(Optimizer):
@@ -138,6 +143,7 @@ class RowAdamW(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"fc optimizer weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self._scratch = _Scratch()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -158,22 +164,25 @@ class RowAdamW(Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
                 if param.grad.is_sparse:
                     rows, grad = _rows_and_values(param.grad)
-                    weight = param.index_select(0, rows)
-                    exp_avg = state["exp_avg"].index_select(0, rows)
-                    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                    weight = self._scratch.rows_of("weight", param, rows)
+                    exp_avg = self._scratch.rows_of("exp_avg", state["exp_avg"], rows)
+                    exp_avg_sq = self._scratch.rows_of("exp_avg_sq", state["exp_avg_sq"], rows)
                     step = state["step"].index_select(0, rows).add_(1)
+                    denom = self._scratch.empty("denom", tuple(exp_avg_sq.shape), exp_avg_sq)
                 else:
                     rows, grad, weight = None, param.grad, param
                     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                     step = state["step"].add_(1)
+                    denom = torch.empty_like(param)
                 weight.mul_(1 - lr * weight_decay)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 # Bias corrections per row: [rows, 1] so they broadcast over the embedding dim.
                 bias_correction1 = (1 - torch.pow(beta1, step)).unsqueeze(1)
                 bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt_().unsqueeze(1)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                weight.addcdiv_(exp_avg, denom * bias_correction1, value=-lr)
+                # denom = (sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t), built in one buffer.
+                torch.sqrt(exp_avg_sq, out=denom).div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1)
+                weight.addcdiv_(exp_avg, denom, value=-lr)
                 if rows is not None:
                     param.index_copy_(0, rows, weight)
                     state["exp_avg"].index_copy_(0, rows, exp_avg)

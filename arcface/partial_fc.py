@@ -24,7 +24,7 @@ Memory per rank (fp32, ``D`` = embedding size, ``B`` = global batch, ``k`` = sam
 
     weights          4 * num_local * D
     optimizer state  SGD: 4 * num_local * D (momentum) + 8 * k * D (sparse update: 2 reused row buffers)
-                     AdamW: 8 * num_local * D + 4 * num_local (+ 24 * k * D of row temporaries, sparse)
+                     AdamW: 8 * num_local * D + 4 * num_local (+ 16 * k * D: 4 row buffers, sparse)
     gradient         4 * num_local * D  (dense update, or rate 1)
                      (4 * D + 8) * k    (sparse update: the gathered rows become the gradient values)
     activations      4 * k * D (gathered rows, dense update with rate < 1 only)
@@ -300,8 +300,8 @@ class PartialFC(nn.Module):
         sampled_update = self.sampling and self.update == "sparse"
         if optimizer == "sgd":  # momentum; the sparse step keeps two reusable [k, D] row buffers
             optimizer_bytes = 4 * num_local * dim + (8 * k * dim if sampled_update else 0)
-        else:  # exp_avg, exp_avg_sq, per-row step; the sparse step's row temporaries (~6 [k, D])
-            optimizer_bytes = 8 * num_local * dim + 4 * num_local + (24 * k * dim if sampled_update else 0)
+        else:  # exp_avg, exp_avg_sq, per-row step; the sparse step keeps four reusable [k, D] row buffers
+            optimizer_bytes = 8 * num_local * dim + 4 * num_local + (16 * k * dim if sampled_update else 0)
         return {
             "weights": 4 * num_local * dim,
             "optimizer": optimizer_bytes,
