@@ -313,7 +313,8 @@ def test_fp16_grad_scaler_skips_overflows_then_trains(tmp_path: Path) -> None:
     from arcface.train import train
 
     out = tmp_path / "fp16"
-    cfg = make_cfg(out, 6, "runtime.amp=fp16", "schedule.total_steps=12")
+    # Sampled FC with the sparse update: the scaler unscales and steps a sparse COO gradient too.
+    cfg = make_cfg(out, 6, "runtime.amp=fp16", "schedule.total_steps=12", "fc.sample_rate=0.5")
     first = train(cfg, max_steps=6, backbone_factory=tiny_factory)
     second = train(cfg, backbone_factory=tiny_factory)
     losses = first["losses"] + second["losses"]
