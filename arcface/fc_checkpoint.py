@@ -15,11 +15,11 @@ state, so a run saved on 2 ranks resumes on 3 or on 1 with the same global FC ma
 Why not ``torch.distributed.checkpoint`` (DCP): DCP reshards DTensors / ShardedTensors by their chunk
 metadata, but a DTensor ``Shard(0)`` placement can only express torch.chunk-style splits (ceil-sized
 chunks, the remainder on the last ranks), not our balanced ``C // W + (rank < C % W)`` split, and
-ShardedTensor (arbitrary shard metadata) is deprecated; the remaining route to custom chunk offsets,
-DCP's ``torch.distributed._checkpointable`` protocol, is private API. Padding the class dimension for DTensor would
-make the padded row layout depend on W, which defeats resharding. Storing every shard under its own
-key with its global range and resolving overlaps ourselves is a few lines, needs no collective, and
-works the same with or without a process group.
+ShardedTensor (arbitrary shard metadata) is deprecated; the remaining route to custom chunk
+offsets, DCP's ``torch.distributed._checkpointable`` protocol, is private API. Padding the class
+dimension for DTensor would make the padded row layout depend on W, which defeats resharding.
+Storing every shard under its own key with its global range and resolving overlaps ourselves is a few
+lines, needs no collective, and works the same with or without a process group.
 """
 
 from __future__ import annotations
