@@ -3,15 +3,17 @@ when they should."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import device_check  # noqa: E402
+# Loaded from its path: putting bench/ on sys.path would let bench/eval.py shadow the eval package.
+_SPEC = importlib.util.spec_from_file_location(
+    "device_check", Path(__file__).resolve().parents[1] / "bench" / "device_check.py")
+assert _SPEC is not None and _SPEC.loader is not None
+device_check = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(device_check)
 
 
 def test_comparison_flags_drift_and_non_finite_losses() -> None:
