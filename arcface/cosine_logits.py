@@ -20,8 +20,8 @@ The weight gradient comes back in the layout the update needs: ``"sparse"`` a co
 holding only the sampled rows (what ``F.embedding(..., sparse=True)`` would give), ``"dense"`` a full
 ``[N, D]`` tensor with zeros outside ``rows``. Like ``F.normalize``, norms are clamped at ``eps``; a
 clamped row's gradient is ``g / eps`` without the projection term (what autograd gives through the
-clamp). The gathered rows are consumed by the one backward (they become the gradient), so
-``retain_graph=True`` is refused.
+clamp). The gathered rows are consumed by the backward (they become the gradient), so a second
+backward through the same graph (after ``retain_graph=True``) raises instead of returning garbage.
 """
 
 from __future__ import annotations
