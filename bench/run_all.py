@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(BENCH_DIR / "RESULTS.md"), help="where to write the results")
     args = parser.parse_args(argv)
 
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.name != Path(__file__).name)
+    # device_check.py is a pass/fail verification of the GPU paths, not a benchmark: run it on its own.
+    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.name not in (Path(__file__).name, "device_check.py"))
     if args.only:
         wanted = set(args.only)
         unknown = wanted - {p.stem for p in scripts}
