@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # device_check.py is a pass/fail verification of the GPU paths, not a benchmark: run it on its own.
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.name not in (Path(__file__).name, "device_check.py"))
+    skipped = (Path(__file__).name, "device_check.py")
+    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.name not in skipped)
     if args.only:
         wanted = set(args.only)
         unknown = wanted - {p.stem for p in scripts}
