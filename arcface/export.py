@@ -60,7 +60,7 @@ REJECTED_FILE = "model.rejected.onnx"
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 MIN_OPSET = 17
-# Parity tolerances of the fp32 model (the contract): every embedding's cosine to the PyTorch
+# Parity tolerances of the fp32 model (the deployment contract): every embedding's cosine to the PyTorch
 # embedding >= 0.99999, and max |difference| <= 1e-4 x the output scale (max |PyTorch embedding| of the
 # same batch: embeddings are raw, so an absolute tolerance alone would mean nothing).
 PARITY_MIN_COSINE = 0.99999

@@ -1,7 +1,7 @@
 """Backbone size, cost and throughput: params, GMACs, forward and forward+backward images/s.
 
     python bench/backbones.py               # every backbone, fp32 + channels_last, bf16 on two (CPU sizes)
-    python bench/backbones.py --batch 32    # the issue's batch 32 for every backbone (~30 min on 2 cores)
+    python bench/backbones.py --batch 32    # batch 32 for every backbone (~30 min on 2 cores)
     python bench/backbones.py --quick       # mobilefacenet and r18 only, batch 4, < 60 s
     python bench/backbones.py --device cuda --batch 32 --bf16-batch 32
 
@@ -11,7 +11,7 @@ in x out) at 112x112. The reference in the same run is this machine's measured m
 fp32 (and bf16) ``torch.mm`` timed the same way; "peak %" = achieved FLOP/s (2 x MACs x images/s, x3 for
 forward+backward) / matmul FLOP/s of the same dtype.
 
-CPU defaults, reduced from the issue's batch 32 to stay within ~5 minutes on 2 cores: mobilefacenet 32,
+CPU defaults, reduced from the reference batch 32 to stay within ~5 minutes on 2 cores: mobilefacenet 32,
 r18/r34/r50 8, r100/r200 2 (``--batch N`` sets all); bf16 runs at batch 2 (``--bf16-batch``) on
 mobilefacenet and r18 only, because bf16 convolutions can be ~100x slower than fp32 on CPUs without native
 bf16 support. Each measurement is one warm-up call at batch 2 and then timed calls for at least

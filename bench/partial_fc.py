@@ -207,7 +207,7 @@ def print_goals(rows: list[dict]) -> None:
     if len(sizes) < 2:
         return
     small = sizes[0]
-    print("\nGoals (issue 5):")
+    print("\nTargets:")
     b, c = find(small, 0.1, "sparse"), find(small, 1.0, "-")
     for big in sizes[1:]:
         a, d = find(big, 0.1, "sparse"), find(big, 0.1, "dense")

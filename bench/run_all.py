@@ -1,6 +1,6 @@
 """Run every benchmark script in bench/ and collect their tables into bench/RESULTS.md.
 
-    python bench/run_all.py            # the sizes each issue asks for (tens of minutes on 2 cores)
+    python bench/run_all.py            # the full reference sizes (tens of minutes on 2 cores)
     python bench/run_all.py --quick    # small sizes, a few minutes in all
     python bench/run_all.py --only partial_fc eval
 

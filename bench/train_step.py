@@ -15,7 +15,7 @@ Rows, all in one process on the same machine and in the same run:
 * ``train step, RecordIO + 2 workers``: the same loop reading JPEGs from a ``.rec`` written here, decoded
   (and flipped) in 2 worker processes; its data-wait share is the fraction of the loop spent waiting.
 
-Goal from the issue: the synthetic train step within 10% of the bare rate (``overhead <= 10%``).
+Target: the synthetic train step within 10% of the bare rate (``overhead <= 10%``).
 """
 
 from __future__ import annotations
