@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,22 +100,11 @@ def check_process_group(device: torch.device) -> tuple[bool, str]:
         dist.destroy_process_group()
 
 
-def _write_rec(prefix: Path, num_images: int, num_classes: int) -> None:
-    from recordio_tools.writer import FaceDatasetWriter
-
-    rng = np.random.default_rng(0)
-    writer = FaceDatasetWriter(prefix, layout="insightface", num_classes=num_classes)
-    for index in range(num_images):  # identities contiguous and in class order
-        image = cv2.resize(rng.integers(0, 256, (14, 14, 3), dtype=np.uint8), (112, 112))
-        label = index * num_classes // num_images
-        writer.add(label, cv2.imencode(".jpg", image)[1].tobytes(), source_index=index)
-    writer.close()
-
-
 def check_loader(device: torch.device, workdir: Path) -> tuple[bool, str]:
     from arcface.data import build_train_loader
+    from bench.train_step import write_rec
 
-    _write_rec(workdir / "check", 96, 12)
+    write_rec(workdir / "check", 96, 12)
     cfg = load_config(None, [f"data.rec={workdir / 'check.rec'}", "data.num_classes=12", "data.num_workers=2",
                              "runtime.batch_size=16", "data.flip=true"])
     batches = []

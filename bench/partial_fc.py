@@ -223,6 +223,23 @@ def print_goals(rows: list[dict]) -> None:
                   f"three matrix products, {a['matmul_ms']:.0f} ms, were free)")
 
 
+def run_sizes(classes: list[int], dim: int, args, device: torch.device, setting: str, world_size: int = 1,
+              rank: int = 0) -> list[dict]:
+    """Print the run's header (rank 0; ``setting`` says how it runs) and bench every class count."""
+    if rank == 0:
+        print(f"Partial FC benchmark: {setting}, device {device.type}, torch {torch.__version__}, D={dim}, "
+              f"global batch {args.batch}, SGD momentum, {args.warmup} warm-up + median of {args.repeats} "
+              f"timed steps, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}",
+              flush=True)
+    memory = PeakMemory(device)
+    rows: list[dict] = []
+    for num_classes in classes:
+        rows.extend(bench_one_size(num_classes, dim, args.batch, args.rates, args, device, memory,
+                                   world_size, rank))
+        gc.collect()
+    return rows
+
+
 def _distributed_worker(rank: int, world_size: int, port: int, classes: list[int], dim: int, args,
                         use_cuda: bool) -> None:
     """One rank of ``--world-size W``: its shard of every configuration; rank 0 prints the slowest
@@ -237,18 +254,9 @@ def _distributed_worker(rank: int, world_size: int, port: int, classes: list[int
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
-        if rank == 0:
-            print(f"Partial FC benchmark: W={world_size} ranks ({dist.get_backend()}), device "
-                  f"{device.type}, torch {torch.__version__}, {threads} thread(s) per rank, D={dim}, global "
-                  f"batch {args.batch} ({args.batch // world_size} per rank), SGD momentum, {args.warmup} "
-                  f"warm-up + median of {args.repeats} timed steps, THP_MEM_ALLOC_ENABLE="
-                  f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
-        memory = PeakMemory(device)
-        rows: list[dict] = []
-        for num_classes in classes:
-            rows.extend(bench_one_size(num_classes, dim, args.batch, args.rates, args, device, memory,
-                                       world_size, rank))
-            gc.collect()
+        setting = (f"W={world_size} ranks ({dist.get_backend()}), {threads} thread(s) and "
+                   f"{args.batch // world_size} samples per rank")
+        rows = run_sizes(classes, dim, args, device, setting, world_size, rank)
         every_rank: list[list[dict] | None] = [None] * world_size
         dist.all_gather_object(every_rank, rows)
         if rank == 0:
@@ -306,15 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                use_cuda), nprocs=args.world_size)
         return 0
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    print(f"Partial FC benchmark: W=1 (one process), device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, D={dim}, global batch {args.batch}, SGD momentum, "
-          f"{args.warmup} warm-up + median of {args.repeats} timed steps, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
-    memory = PeakMemory(device)
-    rows: list[dict] = []
-    for num_classes in classes:
-        rows.extend(bench_one_size(num_classes, dim, args.batch, args.rates, args, device, memory))
-        gc.collect()
+    rows = run_sizes(classes, dim, args, device, f"W=1 (one process), {torch.get_num_threads()} threads")
     print_table(rows)
     print_goals(rows)
     return 0
