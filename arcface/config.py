@@ -286,6 +286,8 @@ class RuntimeConfig(_Section):
     _name: ClassVar[str] = "runtime"
     batch_size: int = _f(128, "micro-batch size per rank")
     amp: str = _f("none", "backbone autocast: 'none', 'fp16' (with a grad scaler) or 'bf16'")
+    fp16_init_scale: float = _f(65536.0, "fp16: the grad scaler's first loss scale; while gradients overflow "
+                                         "the update is skipped and the scale halves")
     compile: bool = _f(False, "torch.compile the backbone")
     compile_backend: str = _f("inductor", "torch.compile backend: 'inductor' (generated kernels; needs a C++ "
                               "compiler on CPU), 'aot_eager' (graph capture only, quick to start) or 'eager'")
@@ -299,6 +301,8 @@ class RuntimeConfig(_Section):
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, self._key("batch_size"), "must be >= 1", self.batch_size)
         _choice(self._key("amp"), self.amp, ("none", "fp16", "bf16"))
+        _check(self.fp16_init_scale > 0 and math.isfinite(self.fp16_init_scale), self._key("fp16_init_scale"),
+               "must be a positive finite number", self.fp16_init_scale)
         _choice(self._key("compile_backend"), self.compile_backend, ("inductor", "aot_eager", "eager"))
         _check(self.seed >= 0, self._key("seed"), "must be >= 0", self.seed)
         _choice(self._key("device"), self.device, ("auto", "cpu", "cuda"))

@@ -55,15 +55,24 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def _tool(name: str) -> str:
-    """The console script installed beside this interpreter (the project's venv), else on PATH."""
+# The console scripts of setup.cfg and their modules: a source tree run with PYTHONPATH=. (no install)
+# has no scripts, so the demo falls back to ``python -m MODULE``.
+_TOOL_MODULES = {"pack_rec": "recordio_tools.cli", "arcface-eval": "eval.cli",
+                 "arcface-export": "arcface.export", "torchrun": "torch.distributed.run"}
+
+
+def _tool(name: str) -> list[str]:
+    """The command line of a console script: installed beside this interpreter (the project's venv), else
+    on PATH, else ``python -m`` its module."""
     candidate = Path(sys.executable).parent / name
     if candidate.exists():
-        return str(candidate)
+        return [str(candidate)]
     found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"demo: cannot find the '{name}' command; run ./run.sh setup first")
-    return found
+    if found is not None:
+        return [found]
+    if name in _TOOL_MODULES:
+        return [sys.executable, "-m", _TOOL_MODULES[name]]
+    raise SystemExit(f"demo: cannot find the '{name}' command; run ./run.sh setup first")
 
 
 class Runner:
@@ -74,8 +83,11 @@ class Runner:
 
     def run(self, title: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.index += 1
-        shown = [Path(argv[0]).name if Path(argv[0]).parent == Path(sys.executable).parent else argv[0]]
-        shown += argv[1:]
+        if argv[:2] == [sys.executable, "-m"]:
+            shown = ["python", *argv[1:]]
+        else:
+            shown = [Path(argv[0]).name if Path(argv[0]).parent == Path(sys.executable).parent else argv[0]]
+            shown += argv[1:]
         print(f"\n[{self.index}/{self.total}] {title}\n$ {shlex.join(shown)}", flush=True)
         started = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **(env or {})})
@@ -118,7 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=500, help="training updates")
     parser.add_argument("--interrupt-at", type=int, default=None,
                         help="stop at this update and resume (default: half way)")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo)")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="training processes (gloo on CPU; NCCL on CUDA, one GPU each)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where training runs (runtime.device); evaluation and export run on the CPU")
     parser.add_argument("--shards", type=int, default=4, help="RecordIO shards")
     parser.add_argument("--workers", type=int, default=2, help="processes for synth/pack")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per update")
@@ -151,34 +166,35 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     pack_rec, torchrun = _tool("pack_rec"), _tool("torchrun")
 
     runner.run("synthetic training identities", [
-        pack_rec, "synth", "--out", str(data / "faces_train"), "--identities", str(args.identities),
+        *pack_rec, "synth", "--out", str(data / "faces_train"), "--identities", str(args.identities),
         "--images-per-identity", str(args.images), "--seed", str(args.seed), "--workers", str(args.workers)])
     runner.run("held-out identities (disjoint) and a pairs file", [
-        pack_rec, "synth", "--out", str(data / "faces_heldout"), "--identities", str(args.heldout_identities),
+        *pack_rec, "synth", "--out", str(data / "faces_heldout"),
+        "--identities", str(args.heldout_identities),
         "--images-per-identity", "6", "--first-identity", str(args.identities), "--seed", str(args.seed),
         "--pairs", str(args.pairs), "--pairs-file", str(data / "heldout_pairs.txt"),
         "--workers", str(args.workers)])
     runner.run("pack the training set into RecordIO shards", [
-        pack_rec, "pack", str(data / "faces_train"), str(data / "train"), "--num-shards", str(args.shards),
+        *pack_rec, "pack", str(data / "faces_train"), str(data / "train"), "--num-shards", str(args.shards),
         "--workers", str(args.workers), "--shuffle", "--seed", str(args.seed)])
     manifest = data / "train.manifest.json"
-    runner.run("verify every record of every shard", [pack_rec, "verify", str(manifest)])
-    runner.run("dataset summary", [pack_rec, "info", str(manifest)])
+    runner.run("verify every record of every shard", [*pack_rec, "verify", str(manifest)])
+    runner.run("dataset summary", [*pack_rec, "info", str(manifest)])
     runner.run("verification pack of the held-out pairs", [
-        pack_rec, "bin", str(data / "heldout_pairs.txt"), str(data / "heldout.bin"),
+        *pack_rec, "bin", str(data / "heldout_pairs.txt"), str(data / "heldout.bin"),
         "--root", str(data / "faces_heldout")])
 
-    train_cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "arcface.train",
+    train_cmd = [*torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "arcface.train",
                  str(DEMO_RECIPE), f"data.rec={manifest}", f"output.dir={run_dir}",
                  f"eval.bins=[{data / 'heldout.bin'}]", f"schedule.total_steps={args.steps}",
                  f"runtime.batch_size={args.batch_size}", f"fc.sample_rate={args.sample_rate}",
                  f"eval.every={max(1, args.steps // 2)}",
-                 f"output.checkpoint_every={max(1, args.steps // 4)}"]
+                 f"output.checkpoint_every={max(1, args.steps // 4)}", f"runtime.device={args.device}"]
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     runner.run("the untrained model: a step-0 checkpoint", train_cmd + ["--max-steps", "0"], env)
     step0 = run_dir / "checkpoints" / "step_00000000"
     runner.run("evaluate the untrained model", [
-        _tool("arcface-eval"), "--model", str(step0), "--bin", f"heldout={data / 'heldout.bin'}",
+        *_tool("arcface-eval"), "--model", str(step0), "--bin", f"heldout={data / 'heldout.bin'}",
         "--output", str(out / "eval_before")])
     log_file = run_dir / "train.log"
     runner.run(f"train, interrupted at update {args.interrupt_at} (as when a job's time slot ends)",
@@ -186,11 +202,11 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     resumed_from_line = _line_count(log_file)
     runner.run("resume from the latest checkpoint and finish", train_cmd + ["output.resume=auto"], env)
     runner.run("evaluate the trained model (report with ROC plot)", [
-        _tool("arcface-eval"), "--model", str(run_dir), "--bin", f"heldout={data / 'heldout.bin'}",
+        *_tool("arcface-eval"), "--model", str(run_dir), "--bin", f"heldout={data / 'heldout.bin'}",
         "--output", str(out / "eval")])
     if not args.no_export:
         runner.run("export ONNX and check parity with the checkpoint", [
-            _tool("arcface-export"), str(run_dir), "--output", str(out / "export"),
+            *_tool("arcface-export"), str(run_dir), "--output", str(out / "export"),
             "--eval-pack", str(data / "heldout.bin")])
         model_json = out / "export" / "model.json"
         if model_json.exists():

@@ -34,6 +34,8 @@ Memory per rank (fp32, ``D`` = embedding size, ``B`` = global batch, ``k`` = sam
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -45,7 +47,8 @@ from arcface.distributed import all_gather_autograd, all_gather_tensor, get_worl
 from arcface.fc_optim import build_fc_optimizer
 from arcface.partition import ClassPartition
 
-__all__ = ["PartialFC", "DistributedCrossEntropy", "distributed_cross_entropy", "init_fc_weight"]
+__all__ = ["PartialFC", "DistributedCrossEntropy", "distributed_cross_entropy", "init_fc_weight",
+           "partial_fc_memory_bytes", "sampled_rows_count"]
 
 _INIT_BLOCK_ROWS = 1 << 16
 
@@ -56,12 +59,18 @@ def init_fc_weight(partition: ClassPartition, embedding_size: int, seed: int, st
 
     Rows are generated in fixed blocks of 65536 classes, each from its own seeded generator, so the
     global matrix is the same for any world size (a run on 2 ranks starts exactly like one on 1) while
-    no rank ever materialises more than one block beyond its shard.
+    no rank ever materialises more than one block per thread beyond its shard. The values are drawn on
+    the CPU (the same numbers on every device), blocks in parallel threads (a 10M-class shard is 150
+    blocks of ~0.2 s each), and each block is copied to ``device`` as it is made, so a GPU shard of tens
+    of GB never exists in host memory.
     """
-    weight = torch.empty(partition.num_local, embedding_size, dtype=torch.float32)
+    weight = torch.empty(partition.num_local, embedding_size, dtype=torch.float32, device=device)
+    if partition.num_local == 0:
+        return weight
     first_block = partition.class_start // _INIT_BLOCK_ROWS
     last_block = (partition.class_end - 1) // _INIT_BLOCK_ROWS
-    for block in range(first_block, last_block + 1):
+
+    def fill(block: int) -> None:
         block_start = block * _INIT_BLOCK_ROWS
         block_rows = min(_INIT_BLOCK_ROWS, partition.num_classes - block_start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
@@ -70,7 +79,16 @@ def init_fc_weight(partition: ClassPartition, embedding_size: int, seed: int, st
         hi = min(partition.class_end, block_start + block_rows)
         start = partition.class_start
         weight[lo - start:hi - start] = values[lo - block_start:hi - block_start]
-    return weight.to(device) if device is not None else weight
+
+    blocks = range(first_block, last_block + 1)
+    threads = min(len(blocks), os.cpu_count() or 1, 16)
+    if threads <= 1:
+        for block in blocks:
+            fill(block)
+    else:  # each block owns its generator: the values do not depend on the order or the thread
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fill, blocks))
+    return weight
 
 
 class DistributedCrossEntropy(torch.autograd.Function):
@@ -181,9 +199,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"fc.update must be 'sparse' or 'dense', got {update!r}")
         self.sample_rate = float(sample_rate)
         self.update = update
-        num_local = self.partition.num_local
-        # floor (with a little slack for binary fractions such as 0.3 * 10), never below one row.
-        self.num_sample = min(num_local, max(1, int(math.floor(self.sample_rate * num_local + 1e-6))))
+        self.num_sample = sampled_rows_count(self.sample_rate, self.partition.num_local)
 
     @property
     def sampling(self) -> bool:
@@ -290,25 +306,40 @@ class PartialFC(nn.Module):
                                   betas=betas, eps=eps)
 
     def memory_bytes(self, global_batch: int, optimizer: str = "sgd") -> dict[str, int]:
-        """The documented per-rank memory formula (bytes), used by the benchmark to check measurements.
+        """The documented per-rank memory formula (bytes) of this shard: :func:`partial_fc_memory_bytes`."""
+        return partial_fc_memory_bytes(self.partition.num_local, self.embedding_size, self.sample_rate,
+                                       self.update, global_batch, optimizer)
 
-        A sum of parts, so an upper bound: the optimiser's per-step row buffers exist only after the
-        activations are freed.
-        """
-        num_local, dim, k, batch = (self.partition.num_local, self.embedding_size, self.num_sample,
-                                    global_batch)
-        sampled_update = self.sampling and self.update == "sparse"
-        if optimizer == "sgd":  # momentum; the sparse step keeps two reusable [k, D] row buffers
-            optimizer_bytes = 4 * num_local * dim + (8 * k * dim if sampled_update else 0)
-        else:  # exp_avg, exp_avg_sq, per-row step; the sparse step keeps four reusable [k, D] row buffers
-            optimizer_bytes = 8 * num_local * dim + 4 * num_local + (16 * k * dim if sampled_update else 0)
-        return {
-            "weights": 4 * num_local * dim,
-            "optimizer": optimizer_bytes,
-            # sparse: the gathered, normalised rows become the gradient values (+ int64 row ids)
-            "gradient": (4 * dim + 8) * k if sampled_update else 4 * num_local * dim,
-            # the gathered rows beside a dense gradient; cos_theta, softmax and the logits' gradient;
-            # the gathered embeddings and their normalised copy
-            "activations": (4 * k * dim if self.sampling and not sampled_update else 0) + 12 * batch * k
-            + 8 * batch * dim,
-        }
+
+def sampled_rows_count(sample_rate: float, num_local: int) -> int:
+    """Rows a shard of ``num_local`` classes samples per step: ``floor(rate * num_local)`` (with a little
+    slack for binary fractions such as 0.3 * 10), at least one, at most all."""
+    return min(num_local, max(1, int(math.floor(sample_rate * num_local + 1e-6))))
+
+
+def partial_fc_memory_bytes(num_local: int, embedding_size: int, sample_rate: float, update: str,
+                            global_batch: int, optimizer: str = "sgd") -> dict[str, int]:
+    """The documented per-rank memory formula (bytes) of a shard of ``num_local`` classes (module
+    docstring), by part; the benchmark checks measurements against it and sizes the largest shard.
+
+    A sum of parts, so an upper bound: the optimiser's per-step row buffers exist only after the
+    activations are freed.
+    """
+    dim, batch = embedding_size, global_batch
+    k = sampled_rows_count(sample_rate, num_local)
+    sampling = k < num_local
+    sampled_update = sampling and update == "sparse"
+    if optimizer == "sgd":  # momentum; the sparse step keeps two reusable [k, D] row buffers
+        optimizer_bytes = 4 * num_local * dim + (8 * k * dim if sampled_update else 0)
+    else:  # exp_avg, exp_avg_sq, per-row step; the sparse step keeps four reusable [k, D] row buffers
+        optimizer_bytes = 8 * num_local * dim + 4 * num_local + (16 * k * dim if sampled_update else 0)
+    return {
+        "weights": 4 * num_local * dim,
+        "optimizer": optimizer_bytes,
+        # sparse: the gathered, normalised rows become the gradient values (+ int64 row ids)
+        "gradient": (4 * dim + 8) * k if sampled_update else 4 * num_local * dim,
+        # the gathered rows beside a dense gradient; cos_theta, softmax and the logits' gradient;
+        # the gathered embeddings and their normalised copy
+        "activations": (4 * k * dim if sampling and not sampled_update else 0) + 12 * batch * k
+        + 8 * batch * dim,
+    }

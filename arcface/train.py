@@ -75,7 +75,7 @@ from arcface.train_state import (
     unwrap_model,
 )
 
-__all__ = ["train", "main", "NonFiniteLossError", "BEST_DIR", "BEST_FILE"]
+__all__ = ["train", "main", "NonFiniteLossError", "StopTraining", "BEST_DIR", "BEST_FILE"]
 
 BEST_DIR = "best"          # backbone-only checkpoint of the best verification result
 BEST_FILE = "best.json"    # its scores
@@ -83,6 +83,11 @@ BEST_FILE = "best.json"    # its scores
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a non-finite loss (runtime.max_nonfinite_steps)."""
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_update`` hook to end the loop at once, without a checkpoint (benchmarks stop a
+    run after their timed updates this way; the summary is returned as usual)."""
 
 
 class _StopRequest:
@@ -203,8 +208,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     The summary holds ``step``, ``total_steps``, ``epoch``, ``losses`` (the loss of each update of this
     invocation, NaN for skipped ones), ``checkpoint`` (the last one written), ``resumed_from``,
     ``stopped_by`` (signal number or None), ``nonfinite_total``, ``verification`` (last results),
-    ``best``, ``world_size``, ``loop_seconds`` (wall time of the loop) and ``data_wait_seconds`` (of it,
-    time this rank waited for data).
+    ``best``, ``world_size``, ``loop_seconds`` (wall time of the loop), ``data_wait_seconds`` (of it,
+    time this rank waited for data) and ``update_data_wait_seconds`` (that wait, per update of this
+    invocation). An ``on_update`` hook that raises :class:`StopTraining` ends the loop without a
+    checkpoint.
     """
     # ---------------------------------------------------------------- build
     ctx = _init_distributed(cfg)
@@ -216,6 +223,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
         cfg.save_json(output_dir / "config.json")
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        # Fixed 112x112 inputs: let cuDNN time its convolution algorithms once per shape and keep the
+        # fastest (the first updates are slower while it does).
+        torch.backends.cudnn.benchmark = True
 
     # The same seed on every rank: identical backbone initialisation (DDP would broadcast rank 0's
     # anyway); the FC initialisation is independent of W by construction (arcface.partial_fc).
@@ -238,7 +249,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     fc_optimizer = pfc.build_optimizer(cfg.fc_optimizer_name(), lr=base_lr * cfg.fc.lr_scale,
                                        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.runtime.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.runtime.fp16_init_scale,
+                                  enabled=cfg.runtime.amp == "fp16")
     total_steps = cfg.total_steps(loader.num_images, world_size)
     steps_per_epoch = cfg.steps_per_epoch(loader.num_images, world_size)
     accumulation = cfg.optim.accumulation_steps
@@ -293,6 +305,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     stop = _StopRequest()
     stop.install()
     losses: list[float] = []
+    update_data_waits: list[float] = []
     nonfinite_in_row = 0
     last_checkpoint: Path | None = Path(resume_path) if resume_path else None
     verification: dict[str, Any] = {}
@@ -356,8 +369,12 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             fc_optimizer.zero_grad(set_to_none=True)
             state.step += 1
             losses.append(loss_value if applied else math.nan)
+            update_data_waits.append(data_wait)
             if applied and on_update is not None:
-                on_update(state.step, loss_value)
+                try:
+                    on_update(state.step, loss_value)
+                except StopTraining:
+                    break
 
             # ------------------------------------------------------------ log
             if applied:
@@ -399,7 +416,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             "stopped_by": stopped_by, "nonfinite_total": state.nonfinite_total,
             "verification": {name: r.to_dict() for name, r in verification.items()}, "best": state.best,
             "world_size": world_size, "loop_seconds": time.perf_counter() - loop_started,
-            "data_wait_seconds": float(getattr(loader, "total_wait_seconds", 0.0))}
+            "data_wait_seconds": float(getattr(loader, "total_wait_seconds", 0.0)),
+            "update_data_wait_seconds": update_data_waits}
 
 
 def _build_loader(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> Any:

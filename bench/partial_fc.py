@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arcface.margins import build_margin  # noqa: E402
-from arcface.partial_fc import PartialFC  # noqa: E402
+from arcface.partial_fc import PartialFC, partial_fc_memory_bytes  # noqa: E402
 from arcface.partition import ClassPartition  # noqa: E402
 
 
@@ -98,10 +98,10 @@ def time_steps(step, warmup: int, repeats: int, device: torch.device) -> float:
 def matmul_floor_ms(batch: int, rows: int, dim: int, args, device: torch.device) -> float:
     """The three matrix products any fp32 implementation of a step with ``rows`` sampled centres must do
     (logits forward, embedding gradient, centre gradient), timed alone: the floor of the step time."""
-    generator = torch.Generator().manual_seed(1)
-    features = torch.randn(batch, dim, generator=generator).to(device)
-    centres = torch.randn(rows, dim, generator=generator).to(device)
-    grad_logits = torch.randn(batch, rows, generator=generator).to(device)
+    generator = torch.Generator(device=device).manual_seed(1)  # drawn on the device: GBs at 10M classes
+    features = torch.randn(batch, dim, generator=generator, device=device)
+    centres = torch.randn(rows, dim, generator=generator, device=device)
+    grad_logits = torch.randn(batch, rows, generator=generator, device=device)
 
     def products() -> None:
         torch.mm(features, centres.t())
@@ -165,7 +165,20 @@ def bench_one_size(num_classes: int, dim: int, batch: int, rates: list[float], a
                 pfc(embeddings, labels).backward()
                 optimizer.step()
 
-            row["ms"] = 1000 * time_steps(step, args.warmup, args.repeats, device)
+            try:
+                row["ms"] = 1000 * time_steps(step, args.warmup, args.repeats, device)
+            except torch.OutOfMemoryError:  # the formula under-counted: say so in the table, go on
+                del optimizer, step
+                pfc.weight.grad = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                row.update(ms=float("nan"), peak_mb=float("nan"), skipped=True,
+                           reason=f"out of memory (formula {total / 2 ** 30:.1f} GiB)")
+                rows.append(row)
+                if rank == 0:
+                    print(f"  C={num_classes:>9,} rate={rate:<4} {row['update']:<6} {row['reason']}",
+                          flush=True)
+                continue
             # The shard was resident before the window opened; everything else is growth within it.
             row["peak_mb"] = (memory.peak() - in_use + formula["weights"]) / 2 ** 20
             row["skipped"] = False
@@ -187,7 +200,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["skipped"]:
-            print(f"| {r['C']:,} | {r['rate']} | {r['update']} | {r['rows']:,} | skipped (formula > limit) | "
+            print(f"| {r['C']:,} | {r['rate']} | {r['update']} | {r['rows']:,} | "
+                  f"{r.get('reason', 'skipped (formula > limit)')} | "
                   f"| | | | | {r['formula_mb']:.0f} | |")
             continue
         ratio = r["ms"] / r["ref_ms"] if not math.isnan(r["ref_ms"]) else float("nan")
@@ -274,6 +288,22 @@ def _distributed_worker(rank: int, world_size: int, port: int, classes: list[int
         dist.destroy_process_group()
 
 
+def largest_classes(limit_bytes: float, dim: int, batch: int, world_size: int, step: int) -> int:
+    """The largest multiple of ``step`` classes (over ``world_size`` ranks) whose per-rank formula memory
+    at rate 0.1 with the sparse update and SGD stays within ``limit_bytes`` (0 if none does)."""
+    def fits(classes: int) -> bool:
+        per_rank = -(-classes // world_size)
+        return sum(partial_fc_memory_bytes(per_rank, dim, 0.1, "sparse", batch).values()) <= limit_bytes
+
+    low, high = 0, step
+    while fits(high):  # grow geometrically, then bisect between the last fit and the first miss
+        low, high = high, 2 * high
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,8 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None, help="timed steps, median reported (3; 5 with "
                         "--quick)")
-    parser.add_argument("--mem-limit-gb", type=float, default=8.0,
-                        help="skip configurations whose formula memory exceeds this")
+    parser.add_argument("--mem-limit-gb", type=float, default=None,
+                        help="skip configurations whose formula memory exceeds this (8 on CPU; on CUDA "
+                        "90%% of the device's free memory)")
+    parser.add_argument("--largest", action="store_true",
+                        help="also run the largest class count (a multiple of 100k; 10k with --quick) whose "
+                        "formula memory at rate 0.1, sparse update fits in --mem-limit-gb")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--world-size", type=int, default=1,
                         help="ranks (processes on this machine: gloo on CPU, NCCL with one GPU each); each "
@@ -302,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.world_size < 1 or args.batch % args.world_size:
         parser.error("--world-size must be >= 1 and divide --batch")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.mem_limit_gb is None:
+        args.mem_limit_gb = 0.9 * torch.cuda.mem_get_info(0)[0] / 1024 ** 3 if use_cuda else 8.0
+    if args.largest:
+        largest = largest_classes(args.mem_limit_gb * 1024 ** 3, dim, args.batch, args.world_size,
+                                  10_000 if args.quick else 100_000)
+        print(f"largest class count whose formula at rate 0.1 (sparse) fits in {args.mem_limit_gb:.1f} GiB "
+              f"per rank: {largest:,}", flush=True)
+        classes = sorted(set(classes) | {largest})
     if args.world_size > 1:
         if use_cuda and torch.cuda.device_count() < args.world_size:
             parser.error(f"--world-size {args.world_size} needs as many GPUs "

@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(BENCH_DIR / "RESULTS.md"), help="where to write the results")
     args = parser.parse_args(argv)
 
-    # device_check.py is a pass/fail verification of the GPU paths, not a benchmark: run it on its own.
-    skipped = (Path(__file__).name, "device_check.py")
+    # device_check.py is a pass/fail verification of the GPU paths, not a benchmark, and gpu_session.py
+    # with train_throughput.py measure GPU-sized configurations (r100 at batch 256): run those on a GPU
+    # machine (docs/gpu.md). bench/train_step.py is the CPU training-step benchmark.
+    skipped = (Path(__file__).name, "device_check.py", "gpu_session.py", "train_throughput.py")
     scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.name not in skipped)
     if args.only:
         wanted = set(args.only)

@@ -66,3 +66,23 @@ def test_reduced_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (out / "export" / "model.json").is_file()
     assert summary["export"], "model.json has no parity results"
     assert np.isfinite(summary["samples_per_second"]) and summary["samples_per_second"] > 0
+
+
+def test_tools_fall_back_to_python_m_in_an_uninstalled_source_tree(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from a source tree with PYTHONPATH (a GPU machine's own Python, nothing installed): no console
+    scripts beside the interpreter or on PATH, so each tool is ``python -m`` its module, and that module
+    is the one setup.cfg's console script names."""
+    import configparser
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python3"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    scripts = configparser.ConfigParser()
+    scripts.read(Path(demo.ROOT) / "setup.cfg")
+    entry_points = dict(line.split(" = ") for line in
+                        scripts["options.entry_points"]["console_scripts"].strip().splitlines())
+    for name in ("pack_rec", "arcface-eval", "arcface-export"):
+        assert demo._tool(name) == [sys.executable, "-m", entry_points[name].split(":")[0]]
+    assert demo._tool("torchrun") == [sys.executable, "-m", "torch.distributed.run"]
+    with pytest.raises(SystemExit, match="cannot find the 'nonexistent' command"):
+        demo._tool("nonexistent")

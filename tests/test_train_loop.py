@@ -362,3 +362,37 @@ def test_torch_compile_in_the_loop_tracks_the_eager_run(tmp_path: Path, backend:
     assert sorted(compiled_state) == sorted(eager_state)
     for key, value in eager_state.items():
         torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fp16_init_scale_sets_where_the_grad_scaler_starts(tmp_path: Path) -> None:
+    """runtime.fp16_init_scale is the scaler's first scale: at 2**40 the first scaled gradients overflow
+    fp16 (max 65504) and those updates are skipped; at 1 none is."""
+    from arcface.train import train
+
+    huge = train(make_cfg(tmp_path / "huge", 6, "runtime.amp=fp16", "runtime.fp16_init_scale=1099511627776"),
+                 backbone_factory=tiny_factory)
+    one = train(make_cfg(tmp_path / "one", 6, "runtime.amp=fp16", "runtime.fp16_init_scale=1"),
+                backbone_factory=tiny_factory)
+    assert math.isnan(huge["losses"][0])
+    assert all(math.isfinite(v) for v in one["losses"])
+
+
+def test_stop_training_from_the_hook_ends_the_loop_without_a_checkpoint(tmp_path: Path) -> None:
+    """A hook raising StopTraining ends the run after that update: no checkpoint, the summary as usual,
+    with the data wait of each update."""
+    from arcface.train import StopTraining, train
+
+    seen: list[int] = []
+
+    def stop_after_three(step: int, loss: float) -> None:
+        seen.append(step)
+        if step == 3:
+            raise StopTraining
+
+    out = tmp_path / "stopped"
+    summary = train(make_cfg(out, 6), backbone_factory=tiny_factory, on_update=stop_after_three)
+    assert seen == [1, 2, 3] and summary["step"] == 3 and len(summary["losses"]) == 3
+    assert summary["checkpoint"] is None and not (out / "checkpoints").exists()
+    waits = summary["update_data_wait_seconds"]
+    assert len(waits) == 3 and all(w >= 0 for w in waits)
+    assert sum(waits) == pytest.approx(summary["data_wait_seconds"])
