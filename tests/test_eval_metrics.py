@@ -123,18 +123,17 @@ def brute_roc_dropped(scores, labels):
 def brute_tar_randomised_threshold(scores, labels, far):
     """TAR of the most permissive threshold whose FAR stays within ``far``, with the pairs tied at the
     threshold accepted at random: walk the distinct scores from the highest, accepting whole levels
-    while the accepted impostors stay within far * n_impostor, then the fraction of the next level that
-    reaches it exactly. Exact rational arithmetic, so no rounding decides which level is cut."""
+    while their FAR (compared as the double k / n_impostor, the curve's own abscissa) stays within the
+    target, then the fraction of the next level that reaches it, in exact rational arithmetic."""
     genuine, impostor = scores[labels].tolist(), scores[~labels].tolist()
-    budget = Fraction(far) * len(impostor)
     accepted_genuine, accepted_impostor = Fraction(0), 0
     for level in sorted(set(scores.tolist()), reverse=True):
         g, i = genuine.count(level), impostor.count(level)
-        if accepted_impostor + i <= budget:
+        if (accepted_impostor + i) / len(impostor) <= far:
             accepted_genuine += g
             accepted_impostor += i
         else:
-            accepted_genuine += g * (budget - accepted_impostor) / i
+            accepted_genuine += g * max(Fraction(far) * len(impostor) - accepted_impostor, 0) / i
             break
     return float(accepted_genuine / len(genuine))
 
