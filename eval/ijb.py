@@ -12,8 +12,9 @@ Layout (FORMATS.md section 5), ``<name>`` = ``ijbb`` or ``ijbc``::
 
 Template pooling: image features (flip-summed) are L2-normalised unless the feature norm is used as
 a quality signal, optionally weighted by the detector score, averaged within a media, summed over
-medias and L2-normalised; a pair's score is the cosine of its two templates. The defaults (norm as
-quality on, detector score on, flip on) are the setting most published IJB numbers use.
+medias and L2-normalised; a pair's score is the cosine of its two templates. Pooling and scores are
+float64 (see :func:`pool_templates`). The defaults (norm as quality on, detector score on, flip on)
+are the setting most published IJB numbers use.
 """
 
 from __future__ import annotations
@@ -225,12 +226,33 @@ def embed_ijb(embedder: Embedder, release: IJBRelease, cache_dir: str | os.PathL
 def pool_templates(image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray,
                    detector_scores: np.ndarray | None = None, norm_as_quality: bool = True
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Template features: mean within (template, media), sum over medias, L2. Returns ``(ids, feats)``."""
-    features = np.asarray(image_features, dtype=np.float64)
+    """Template features: mean within (template, media), sum over medias, L2. Returns ``(ids, feats)``.
+
+    The per-image steps (L2 normalisation when the norm is not used as quality, detector-score
+    weighting) run in the embeddings' own precision (float32 for every embedder; float16 is promoted
+    to float32 so squared norms cannot overflow), as InsightFace's IJB script does. The media means, the
+    sum over medias and the final L2 normalisation run in float64 and the templates are returned in
+    float64: a float32 template or score would round nearby cosines onto one value and so create score
+    ties that do not exist, which merges ROC points and moves TAR@FAR.
+    """
+    features = np.asarray(image_features)
+    if features.ndim != 2:
+        raise ValueError(f"image features must be [N, D], got shape {features.shape}")
+    templates = np.asarray(templates).ravel()
+    medias = np.asarray(medias).ravel()
+    if templates.shape != (features.shape[0],) or medias.shape != (features.shape[0],):
+        raise ValueError(f"{features.shape[0]} image features but {templates.size} template ids and "
+                         f"{medias.size} media ids")
+    dtype = np.result_type(features.dtype, np.float32)  # float16 -> float32, float32/64 kept, ints -> 64
+    features = features.astype(dtype, copy=False)
     if not norm_as_quality:
-        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), dtype.type(1e-12))
     if detector_scores is not None:
-        features = features * np.asarray(detector_scores, dtype=np.float64)[:, None]
+        detector_scores = np.asarray(detector_scores).ravel()
+        if detector_scores.shape != (features.shape[0],):
+            raise ValueError(f"{features.shape[0]} image features but {detector_scores.size} detector scores")
+        features = features * detector_scores.astype(dtype)[:, None]
+    features = features.astype(np.float64)
     template_ids, template_of = np.unique(templates, return_inverse=True)
     media_keys, media_of = np.unique(np.stack([template_of, medias], axis=1), axis=0, return_inverse=True)
     media_of = media_of.ravel()
@@ -239,18 +261,23 @@ def pool_templates(image_features: np.ndarray, templates: np.ndarray, medias: np
     media_mean = media_sum / np.bincount(media_of, minlength=media_keys.shape[0])[:, None]
     template_sum = np.zeros((template_ids.size, features.shape[1]))
     np.add.at(template_sum, media_keys[:, 0], media_mean)
-    return template_ids, metrics.l2_normalize(template_sum.astype(np.float32))
+    norms = np.linalg.norm(template_sum, axis=1, keepdims=True)
+    return template_ids, template_sum / np.maximum(norms, 1e-12)
 
 
 def score_pairs(template_ids: np.ndarray, template_features: np.ndarray, pairs: np.ndarray,
                 chunk_size: int = 1 << 20) -> np.ndarray:
-    """Cosine score of each template pair, computed a chunk of pairs at a time."""
+    """Cosine score (float64) of each template pair, computed a chunk of pairs at a time."""
+    template_features = np.asarray(template_features, dtype=np.float64)
+    pairs = np.asarray(pairs)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [P, 2] template ids, got shape {pairs.shape}")
     rows = np.searchsorted(template_ids, pairs)
     rows = np.minimum(rows, template_ids.size - 1)
     if not np.array_equal(template_ids[rows], pairs):
         bad = int(np.nonzero((template_ids[rows] != pairs).any(axis=1))[0][0])
         raise ValueError(f"pair {bad}: template(s) {pairs[bad].tolist()} have no features")
-    scores = np.empty(pairs.shape[0], dtype=np.float32)
+    scores = np.empty(pairs.shape[0], dtype=np.float64)
     for start in range(0, pairs.shape[0], chunk_size):
         a = template_features[rows[start:start + chunk_size, 0]]
         b = template_features[rows[start:start + chunk_size, 1]]
@@ -301,6 +328,7 @@ def identify(template_ids: np.ndarray, template_features: np.ndarray, probe: tup
                              f"(first {missing[:5].tolist()})")
         return rows
 
+    template_features = np.asarray(template_features, dtype=np.float64)  # float64 scores, like 1:1
     gallery_feats = template_features[rows_of(gallery[0], "gallery")]
     probe_rows = rows_of(probe[0], "probe")
     rank_parts, mate_parts, top_parts = [], [], []

@@ -179,9 +179,10 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray | Sequence[bool], drop_inte
     """Exact ROC of similarity ``scores`` (accept when ``score >= threshold``): ``(fpr, tpr, thresholds)``.
 
     One point per distinct score (tied scores move together), starting at ``(0, 0)`` with threshold
-    ``+inf``. ``drop_intermediate`` removes points lying on a straight horizontal/vertical run, the
-    same points scikit-learn drops, so the common "nearest point" TAR@FAR reading matches published
-    tables.
+    ``+inf``. ``drop_intermediate`` removes every point whose step from the previous point equals its
+    step to the next (the inside of a straight run of equal steps), the same points scikit-learn's
+    ``roc_curve`` drops, so the "nearest point" TAR@FAR reading matches published tables. The dropped
+    points lie on the segment between their kept neighbours: the curve as a line is unchanged.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = _as_bool_labels(labels, scores.shape[0], "roc_curve")
@@ -208,18 +209,33 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray | Sequence[bool], drop_inte
 
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = DEFAULT_FARS,
                mode: str = "nearest") -> np.ndarray:
-    """Read TAR at the given FARs off a ROC (``fpr`` non-decreasing).
+    """Read TAR at the given FARs off a ROC from :func:`roc_curve` (``fpr`` and ``tpr`` non-decreasing).
 
-    * ``"nearest"``: the TPR of the ROC point whose FPR is closest to the target (among equally close
-      points, the one with the highest TPR): the reading most IJB tables report.
-    * ``"interpolated"``: linear interpolation between the ROC points around the target (the
-      upper envelope at each FPR), i.e. the TAR of a randomised threshold with FAR exactly the target.
+    * ``"nearest"``: the TPR of the ROC point whose FPR is closest to the target; among equally close
+      points, the one with the highest TPR. This is the reading of InsightFace's IJB script and of most
+      published IJB tables. It only sees the points it is given, so it depends on ``drop_intermediate``:
+      the published numbers use the scikit-learn-style curve with collinear points dropped (the default
+      of :func:`roc_curve`).
+    * ``"interpolated"``: the complete ROC read at exactly the target FAR. Between two consecutive ROC
+      points TAR follows the straight segment joining them: flat across impostor-only scores, vertical
+      across genuine-only scores, diagonal only across scores shared by genuine and impostor pairs;
+      where several points share the target FAR, the highest TAR. This equals the best TAR of a single
+      threshold whose FAR does not exceed the target when the pairs tied at the threshold are accepted
+      at random (in the proportion that brings FAR up to the target). It never lies above the ROC, and
+      since the points :func:`roc_curve` drops lie on the segments between the points it keeps, it does
+      not depend on ``drop_intermediate``.
     """
     fpr = np.asarray(fpr, dtype=np.float64)
     tpr = np.asarray(tpr, dtype=np.float64)
-    fars = np.asarray(fars, dtype=np.float64)
+    fars = np.asarray(fars, dtype=np.float64).ravel()
     if fpr.shape != tpr.shape or fpr.ndim != 1 or fpr.size == 0:
         raise ValueError(f"fpr and tpr must be equal-length 1-d arrays, got {fpr.shape} and {tpr.shape}")
+    if not (np.all(np.isfinite(fpr)) and np.all(np.isfinite(tpr))):
+        raise ValueError("fpr and tpr must be finite")
+    if np.any(np.diff(fpr) < 0) or np.any(np.diff(tpr) < 0):
+        raise ValueError("fpr and tpr must both be non-decreasing (a ROC in the order roc_curve returns it)")
+    if not np.all((fars >= 0.0) & (fars <= 1.0)):
+        raise ValueError(f"FAR targets must be in [0, 1], got {fars.tolist()}")
     if mode == "nearest":
         out = np.empty(fars.size)
         for i, far in enumerate(fars):
@@ -228,8 +244,17 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = DEFAULT
             out[i] = tpr[candidates].max()
         return out
     if mode == "interpolated":
-        last_at_fpr = np.r_[fpr[1:] != fpr[:-1], True]
-        return np.interp(fars, fpr[last_at_fpr], tpr[last_at_fpr])
+        if fars.size and fars.min() < fpr[0]:
+            raise ValueError(f"the ROC starts at FPR {fpr[0]}, above the FAR target {fars.min()}: "
+                             "interpolation needs a curve starting at FPR 0, as roc_curve returns it")
+        # The last point at or before each target: on a vertical run at the target FAR this is its top.
+        last = np.searchsorted(fpr, fars, side="right") - 1
+        after = np.minimum(last + 1, fpr.size - 1)
+        # Strictly inside a segment only when the next point lies further right (never on a vertical run).
+        inside = fpr[after] > fars
+        width = np.where(inside, fpr[after] - fpr[last], 1.0)
+        weight = np.where(inside, (fars - fpr[last]) / width, 0.0)
+        return tpr[last] + weight * (tpr[after] - tpr[last])
     raise ValueError(f"mode must be 'nearest' or 'interpolated', got {mode!r}")
 
 

@@ -110,7 +110,8 @@ def write_report(output: str | os.PathLike[str], model: str, verification: Seque
     lines += [f"| {t} | {m} | {v} |" for t, m, v in rows]
     lines += ["", "Accuracy: standard protocol (flip-sum, L2, squared distance, 10 ordered folds). IJB TAR "
               "is read from the template-pair ROC: 'nearest' = the ROC point whose FAR is closest to the "
-              "target (the common reading), 'interpolated' = linear interpolation at exactly the target.", ""]
+              "target (the common reading), 'interpolated' = the ROC staircase read at exactly the target "
+              "(straight between consecutive points, never above the curve).", ""]
     lines += [f"![{name}]({name})" for name in images]
     report_md = output / "report.md"
     _atomic_text(report_md, "\n".join(lines) + "\n")
