@@ -22,7 +22,8 @@ usage: ./run.sh <command> [args...]
   setup                 create/refresh the virtual environment (done automatically by every command)
   test [pytest args]    lint (ruff) and run the test suite
   demo [--help]         the whole mission end to end on synthetic faces (CPU, ~10 min)
-  train CONFIG [k=v..]  torchrun training; extra torchrun flags via TORCHRUN_ARGS="--nproc_per_node 8"
+  train CONFIG [k=v..]  check the config, train under torchrun (TORCHRUN_ARGS="--standalone --nproc_per_node 8"
+                        for torchrun's own flags; default 1 process), report how it ended in one line
   eval [args]           arcface-eval: verification packs, IJB-B/C, MegaFace -> report
   export [args]         arcface-export: checkpoint -> ONNX with a parity check
   embed [args]          arcface-embed: aligned face images -> embeddings
@@ -33,7 +34,8 @@ USAGE
 }
 
 ensure_env() {
-  # Idempotent: re-installs only when the packaging files changed since the last install.
+  # Idempotent: re-installs only when the packaging files changed since the last install, or when the
+  # environment was last installed for another clone (the stamp records which one).
   local stamp="$VENV/.arcface-installed"
   local want
   want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
@@ -41,12 +43,21 @@ ensure_env() {
     return 0
   fi
   if [[ ! -x "$VENV/bin/python" ]]; then
-    echo "[run.sh] creating virtual environment in $VENV" >&2
+    echo "[run.sh] creating a virtual environment in $VENV" >&2
     "$PYTHON" -m venv "$VENV"
+    echo "[run.sh] installing the project and its dependencies (PyTorch among them): about 2 minutes" \
+         "the first time; later commands reuse it" >&2
+  elif [[ -f "$stamp" && "$(cut -d' ' -f2- "$stamp")" != "$ROOT" ]]; then
+    echo "[run.sh] $VENV holds the install of another clone ($(cut -d' ' -f2- "$stamp"));" \
+         "re-pointing it at this one ($ROOT). The other clone will re-point it back when it runs;" \
+         "set ARCFACE_VENV to a folder of its own to keep both." >&2
+  else
+    echo "[run.sh] setup.cfg / pyproject.toml changed: updating $VENV" >&2
   fi
-  echo "[run.sh] installing the project (editable, with dev extras) into $VENV" >&2
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" >&2
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on -e "$ROOT[dev]" 2>&1 \
+    | { grep -v "^WARNING: Location '" || true; } >&2
   echo "$want" > "$stamp"
+  echo "[run.sh] environment ready: $VENV" >&2
 }
 
 cmd="${1:-help}"
@@ -67,8 +78,7 @@ case "$cmd" in
     ;;
   train)
     ensure_env
-    # shellcheck disable=SC2086
-    exec "$VENV/bin/torchrun" ${TORCHRUN_ARGS:---standalone --nproc_per_node 1} -m arcface.train "$@"
+    exec "$VENV/bin/python" -m arcface.launch "$@"
     ;;
   eval) ensure_env; exec "$VENV/bin/arcface-eval" "$@" ;;
   export) ensure_env; exec "$VENV/bin/arcface-export" "$@" ;;

@@ -411,6 +411,13 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
+    def changes(self, base: TrainConfig | None = None) -> dict[str, Any]:
+        """``{"section.key": value}`` of every key whose value differs from ``base`` (default: the
+        defaults, i.e. ``configs/base.toml``), in declaration order: what a recipe and its overrides set."""
+        reference = base.to_dict() if base is not None else _default_dict()
+        return {f"{section}.{key}": value for section, values in self.to_dict().items()
+                for key, value in values.items() if reference[section][key] != value}
+
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the resolved config atomically (``config.json`` of a run)."""
         path = Path(path)
@@ -660,12 +667,23 @@ def _positive_world(world_size: int) -> None:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
 
 
+def _default_dict() -> dict[str, dict[str, Any]]:
+    """Every section's defaults, without the cross-section checks of a whole config."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in _SECTIONS.items():
+        out[name] = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[name][f.name] = _plain(default)
+    return out
+
+
 def config_reference() -> str:
     """A Markdown table of every key, its default and its documentation (for docs/configuration.md)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
+    defaults = _default_dict()
     for name, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             doc = f.metadata.get("doc", "")
-            lines.append(f"| `{name}.{f.name}` | `{json.dumps(_plain(default))}` | {doc} |")
+            lines.append(f"| `{name}.{f.name}` | `{json.dumps(defaults[name][f.name])}` | {doc} |")
     return "\n".join(lines)

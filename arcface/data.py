@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -373,6 +374,12 @@ def _worker_init(worker_id: int) -> None:
     # One thread per worker: parallelism comes from the workers; more threads only oversubscribe cores.
     # (OpenCV is already single-threaded here: see _prepare_fork.)
     torch.set_num_threads(1)
+    # Schedulers and torchrun stop a job by signalling its whole process group, loader workers included.
+    # A worker killed by SIGTERM makes the training process raise before it can write its preemption
+    # checkpoint, so workers leave stopping to it: it checkpoints, then shuts them down (and they exit on
+    # their own if it dies).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare_fork() -> None:

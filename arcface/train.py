@@ -92,10 +92,18 @@ class StopTraining(Exception):
 
 class _StopRequest:
     """Remembers SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can checkpoint and stop at an update
-    boundary. A second identical signal falls back to the default action (an impatient Ctrl-C kills)."""
+    boundary.
+
+    The same signal often arrives twice: a scheduler signals the job's whole process group and torchrun
+    then forwards the signal to its workers. Repeats are therefore ignored, except a second Ctrl-C more
+    than ``IMPATIENT_AFTER_S`` after the first, which falls back to the default action (an impatient
+    user stops the run at once, without the checkpoint)."""
+
+    IMPATIENT_AFTER_S = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -105,11 +113,13 @@ class _StopRequest:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signum:
+        if self.signum is None:
+            self.signum, self._received_at = signum, time.monotonic()
+            return
+        impatient = time.monotonic() - self._received_at > self.IMPATIENT_AFTER_S
+        if signum == signal.SIGINT and impatient:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
-            return
-        self.signum = signum
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
@@ -197,7 +207,7 @@ def _verify(cfg: TrainConfig, packs: list[Any], backbone: nn.Module, ctx: DistCo
 
 def train(cfg: TrainConfig, *, max_steps: int | None = None,
           backbone_factory: Callable[[TrainConfig], nn.Module] | None = None,
-          on_update: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+          on_update: Callable[[int, float], None] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train (or continue training) per ``cfg``; returns a summary dict.
 
     Extension points (for tests and embedding in other programs): ``max_steps`` stops (with a
@@ -211,7 +221,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     ``best``, ``world_size``, ``loop_seconds`` (wall time of the loop), ``data_wait_seconds`` (of it,
     time this rank waited for data) and ``update_data_wait_seconds`` (that wait, per update of this
     invocation). An ``on_update`` hook that raises :class:`StopTraining` ends the loop without a
-    checkpoint.
+    checkpoint. ``quiet`` keeps the console silent (``train.log`` and TensorBoard still get everything).
     """
     # ---------------------------------------------------------------- build
     ctx = _init_distributed(cfg)
@@ -290,8 +300,11 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     packs = _load_packs(cfg, rank) if cfg.eval.every > 0 else []
 
     logger = MetricLogger(output_dir, total_steps, cfg.global_batch_size(world_size), cfg.runtime.log_every,
-                          rank=rank, device=device, start_step=state.step, tensorboard=cfg.output.tensorboard)
-    logger.info("resolved config:\n" + cfg.to_json())
+                          rank=rank, device=device, start_step=state.step, tensorboard=cfg.output.tensorboard,
+                          stream=_NullStream() if quiet else None)
+    # The keys the recipe and the command line set; the whole config is in config.json and checkpoints.
+    changes = " ".join(f"{key}={json.dumps(value)}" for key, value in cfg.changes().items())
+    logger.info(f"config ({output_dir / 'config.json'}), set apart from the defaults: {changes or 'nothing'}")
     logger.info(f"world size {world_size} ({ctx.backend or 'single process'}), device {device}, "
                 f"{loader.num_images} images of {loader.num_classes} classes from {loader.source}, "
                 f"global batch {cfg.global_batch_size(world_size)}, base lr {base_lr:.6g}, "
@@ -403,6 +416,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             # Resumed a run that was already at its end: still leave a final checkpoint behind.
             last_checkpoint = _checkpoint(cfg, state, loader, scaler, backbone, optimizer, pfc, fc_optimizer,
                                           ctx, checkpoints_dir, logger)
+        if rank == 0 and last_checkpoint is not None and state.step >= stop_at:
+            logger.info(_next_commands(cfg, output_dir))
     finally:
         stop.uninstall()
         logger.close()
@@ -418,6 +433,23 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             "world_size": world_size, "loop_seconds": time.perf_counter() - loop_started,
             "data_wait_seconds": float(getattr(loader, "total_wait_seconds", 0.0)),
             "update_data_wait_seconds": update_data_waits}
+
+
+class _NullStream:
+    """Console of a quiet run: lines still reach train.log through the logger's file."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _next_commands(cfg: TrainConfig, output_dir: Path) -> str:
+    """What a user does with a finished run: evaluate and export it."""
+    packs = " ".join(f"--bin {pack}" for pack in cfg.eval.bins) or "--bin lfw.bin --bin cfp_fp.bin"
+    return (f"next:\n  arcface-eval --model {output_dir} {packs} --output {output_dir / 'eval'}\n"
+            f"  arcface-export {output_dir} --output {output_dir / 'export'}")
 
 
 def _build_loader(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> Any:
@@ -482,33 +514,64 @@ def _checkpoint(cfg: TrainConfig, state: TrainingState, loader: Any, scaler: tor
     return path
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _prog() -> str:
+    """The command the user typed, for messages: ``arcface-train`` for the console script, ``python -m
+    arcface.train`` when run as a module (also under torchrun), ``./run.sh train`` under the launcher."""
+    if os.environ.get("ARCFACE_LAUNCHER") == "1":
+        return "./run.sh train"
+    return "arcface-train" if Path(sys.argv[0]).name == "arcface-train" else "python -m arcface.train"
+
+
+def build_arg_parser(prog: str) -> argparse.ArgumentParser:
+    """The training command line (shared with the launcher, ``arcface.launch``)."""
     parser = argparse.ArgumentParser(
-        prog="arcface-train",
+        prog=prog,
         description="Train a face-recognition backbone with ArcFace and a sharded Partial FC. Launch with "
-                    "torchrun for several processes (see docs/training.md).")
+                    "torchrun for several processes (see docs/training.md).",
+        epilog="example: %(prog)s configs/ms1mv2_r100.toml data.rec=/data/faces_emore runtime.amp=bf16")
     parser.add_argument("config",
                         help="recipe: a .toml/.json path or a name from configs/ (e.g. ms1mv2_r100)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fc.sample_rate=0.1 optim.lr=0.2")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides of the recipe, e.g. fc.sample_rate=0.1 optim.lr=0.2")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop (with a checkpoint) after this many updates in total, without changing "
                              "the schedule (e.g. to fit a job's time slot; resume later)")
-    return parser.parse_args(argv)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only warnings and errors (train.log and TensorBoard still get "
+                             "everything)")
+    return parser
+
+
+def _report_error(message: str) -> None:
+    """A known error (bad data, config or checkpoint) as one line. Under the launcher it goes to
+    torchrun's per-worker error file, and the launcher prints each distinct message once."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get("ARCFACE_LAUNCHER") == "1" and error_file:
+        Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        return
+    rank = os.environ.get("RANK")
+    print(f"{_prog()}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``arcface-train`` / ``[torchrun] python -m arcface.train``: returns the process exit code."""
-    args = _parse_args(argv)
+    """``arcface-train`` / ``[torchrun] python -m arcface.train``: returns the process exit code (0 done,
+    1 failed while running, 2 bad command line or config, 128 + N stopped by signal N)."""
+    parser = build_arg_parser(_prog())
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as exc:
-        print(f"arcface-train: {exc}", file=sys.stderr)
+        _report_error(str(exc))
         return 2
     try:
-        summary = train(cfg, max_steps=args.max_steps)
+        summary = train(cfg, max_steps=args.max_steps, quiet=args.quiet)
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
         # Bad data, config or checkpoint: a clear message instead of a traceback.
-        print(f"arcface-train (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _report_error(str(exc))
         return 1
     finally:
         destroy_distributed()

@@ -72,6 +72,36 @@ def test_cli_rejects_bad_config_with_named_key(capsys: pytest.CaptureFixture[str
     assert "fc.sample_rate" in capsys.readouterr().err
     assert main(["no_such_recipe_xyz"]) == 2
     assert "config file not found" in capsys.readouterr().err
+    assert main([]) == 2  # usage, not "the following arguments are required"
+    assert capsys.readouterr().err.startswith("usage: python -m arcface.train")
+
+
+def test_config_changes_are_what_the_recipe_and_overrides_set() -> None:
+    from arcface.config import TrainConfig, load_config
+
+    assert load_config("base", []).changes() == {}
+    cfg = load_config("cpu_synthetic", ["fc.sample_rate=0.3"])
+    changes = cfg.changes()
+    assert changes["fc.sample_rate"] == 0.3 and changes["backbone.name"] == "mobilefacenet"
+    assert "loss.margin" not in changes  # cpu_synthetic keeps ArcFace, the default
+    assert cfg.changes(load_config("cpu_synthetic", [])) == {"fc.sample_rate": 0.3}
+    assert TrainConfig.from_dict({"data": {}}).changes() == {}
+
+
+def test_quiet_run_prints_nothing_and_a_finished_run_names_the_next_commands(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from arcface.train import main
+
+    small = ["schedule.total_steps=2", "schedule.warmup_steps=1", "runtime.batch_size=4",
+             "data.synthetic_num_images=32", "backbone.embedding_size=32", "output.tensorboard=false"]
+    assert main(["cpu_synthetic", f"output.dir={tmp_path / 'quiet'}", *small, "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert "step 2/2" in (tmp_path / "quiet" / "train.log").read_text()
+    out = tmp_path / "loud"
+    assert main(["cpu_synthetic", f"output.dir={out}", *small]) == 0
+    printed = capsys.readouterr().out
+    assert "set apart from the defaults: data.num_classes=64" in printed
+    assert f"arcface-eval --model {out} " in printed and f"arcface-export {out} --output" in printed
 
 
 @pytest.mark.slow
