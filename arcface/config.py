@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,6 +40,8 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # need torch; tests check the two lists agree once the margins module exists.
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
+# The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
+OBJECTIVE_KINDS = ("margin_softmax",)
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
 # (m1 = 1 SphereFace multiplicative angular, m2 = 0 ArcFace additive angular, m3 = 0 CosFace additive
 # cosine). A mismatch is an error rather than a silent override, so a recipe never says one thing and
@@ -146,6 +148,7 @@ class LossConfig(_Section):
     """Margin softmax: logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target class."""
 
     _name: ClassVar[str] = "loss"
+    kind: str = _f("margin_softmax", "training objective (arcface.objectives): " + ", ".join(OBJECTIVE_KINDS))
     margin: str = _f("arcface", "preset of arcface.margins.build_margin: " + ", ".join(MARGIN_NAMES))
     scale: float = _f(64.0, "logit scale s")
     m1: float = _f(1.0, "SphereFace multiplicative angular margin (1 = none)")
@@ -157,6 +160,7 @@ class LossConfig(_Section):
                                                     "label noise); 0 = off")
 
     def __post_init__(self) -> None:
+        _choice(self._key("kind"), self.kind, OBJECTIVE_KINDS)
         _choice(self._key("margin"), self.margin, MARGIN_NAMES)
         _check(self.scale > 0, self._key("scale"), "must be > 0", self.scale)
         _check(self.m1 >= 1.0, self._key("m1"), "(SphereFace multiplicative margin) must be >= 1", self.m1)

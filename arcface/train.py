@@ -13,15 +13,17 @@ Launch::
 1. ``set_lr``: the schedule is a pure function of the update index (``arcface.optim.lr_at``), so it is
    set once per update, never per micro-batch, and resuming needs only the step counter;
 2. per micro-batch: normalise the uint8 batch on the device, backbone forward under autocast
-   (fp16/bf16), ``scale_gradient(embeddings, W)`` (DDP averages gradients over ranks while PartialFC
-   already returns the exact gradient of the global-batch loss: the factor W cancels the averaging,
-   see arcface.partial_fc), PartialFC in fp32, backward of ``loss / accumulation_steps`` (DDP's
-   all-reduce suppressed with ``no_sync`` on all but the last micro-batch);
+   (fp16/bf16), ``scale_gradient(embeddings, W)`` (DDP averages gradients over ranks while the
+   objective already returns the exact gradient of the global-batch loss: the factor W cancels the
+   averaging, see arcface.objectives), the objective (``loss.kind``; the sharded Partial FC margin
+   softmax by default) in fp32, backward of ``loss / accumulation_steps`` (DDP's all-reduce suppressed
+   with ``no_sync`` on all but the last micro-batch);
 3. one host sync per update: the loss and the backbone gradient norm (after unscaling) decide whether
    the update is applied. A non-finite loss skips the update and is counted; too many in a row stop
    the run with a message. With fp16 a non-finite gradient with a finite loss is the grad scaler's
    normal overflow signal: it lowers the scale and the update is skipped;
-4. clip the backbone gradient norm, step both optimisers (through the grad scaler), zero gradients.
+4. clip the backbone gradient norm, step the backbone's and the objective's optimisers (through the
+   grad scaler), zero gradients.
 
 After the update, in this order: the log line (so it reports the update just made), verification
 (so that a checkpoint written at the same step knows whether it is the best), the preemption check
@@ -61,9 +63,8 @@ from arcface.distributed import (
     select_device,
 )
 from arcface.logging_utils import MetricLogger
+from arcface.objectives import Objective, build_objective
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
 from arcface.train_state import (
     CHECKPOINTS_DIR,
     TrainingState,
@@ -248,17 +249,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     seed_everything(cfg.runtime.seed + 1 + rank)
 
     loader = _build_loader(cfg, rank, world_size, device)
-    from arcface.margins import build_margin
-
-    margin = build_margin(cfg.loss.margin, **cfg.loss.margin_kwargs())
-    pfc = PartialFC(ClassPartition(loader.num_classes, world_size, rank), cfg.backbone.embedding_size, margin,
-                    sample_rate=cfg.fc.sample_rate, update=cfg.fc.update, device=device,
-                    seed=cfg.runtime.seed)
+    objective = build_objective(cfg, loader.num_classes, rank, world_size, device)
     base_lr = cfg.scaled_lr(world_size)
     optimizer = build_backbone_optimizer(cfg, backbone, lr=base_lr)
-    fc_optimizer = pfc.build_optimizer(cfg.fc_optimizer_name(), lr=base_lr * cfg.fc.lr_scale,
-                                       momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    objective_optimizer = objective.build_optimizer(cfg, base_lr)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.runtime.fp16_init_scale,
                                   enabled=cfg.runtime.amp == "fp16")
     total_steps = cfg.total_steps(loader.num_images, world_size)
@@ -273,8 +267,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                                    if rank == 0 else None)
     resume_note = ""
     if resume_path:
-        state, meta = load_training_checkpoint(resume_path, backbone=backbone, optimizer=optimizer, pfc=pfc,
-                                               fc_optimizer=fc_optimizer, rank=rank, world_size=world_size,
+        state, meta = load_training_checkpoint(resume_path, backbone=backbone, optimizer=optimizer,
+                                               objective=objective, objective_optimizer=objective_optimizer,
+                                               rank=rank, world_size=world_size,
                                                device=device)
         loader.load_state_dict(state.loader)
         if scaler.is_enabled() and state.scaler:
@@ -308,8 +303,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     logger.info(f"world size {world_size} ({ctx.backend or 'single process'}), device {device}, "
                 f"{loader.num_images} images of {loader.num_classes} classes from {loader.source}, "
                 f"global batch {cfg.global_batch_size(world_size)}, base lr {base_lr:.6g}, "
-                f"{total_steps} updates ({steps_per_epoch} per epoch), FC rows on this rank "
-                f"{pfc.partition.num_local} (sampled {pfc.num_sample})")
+                f"{total_steps} updates ({steps_per_epoch} per epoch); objective: {objective.describe()}")
     logger.info(resume_note or "starting a fresh run")
     if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         logger.info("tip: on CPU, THP_MEM_ALLOC_ENABLE=1 (set by ./run.sh) backs large tensors with huge "
@@ -331,7 +325,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     try:
         while state.step < stop_at:
             lr = lr_at(state.step, cfg, total_steps, base_lr, steps_per_epoch=steps_per_epoch)
-            set_lr((optimizer, fc_optimizer), lr, cfg.fc.lr_scale)
+            set_lr((optimizer, objective_optimizer), lr, cfg.fc.lr_scale)
             loss_sum = torch.zeros((), device=device)
             data_wait = 0.0
             for micro in range(accumulation):
@@ -347,7 +341,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                     with _autocast(cfg, device):
                         embeddings = model(inputs)
                     embeddings = scale_gradient(embeddings, world_size)  # see module docstring, step 2
-                    loss = pfc(embeddings, labels)
+                    loss = objective(embeddings, labels)
                     scaler.scale(loss / accumulation).backward()
                 loss_sum += loss.detach()
             state.epoch = loader.epoch
@@ -360,7 +354,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             if applied:
                 nonfinite_in_row = 0
                 scaler.step(optimizer)
-                scaler.step(fc_optimizer)
+                if objective_optimizer is not None:
+                    scaler.step(objective_optimizer)
                 scaler.update()
             elif math.isfinite(loss_value) and scaler.is_enabled():
                 scaler.step(optimizer)  # records the overflow and skips the step
@@ -379,7 +374,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                         f"{cfg.runtime.max_nonfinite_steps}. Lower optim.lr, raise schedule warmup, use "
                         f"runtime.amp = 'bf16' or 'none', or resume from an earlier checkpoint")
             optimizer.zero_grad(set_to_none=True)
-            fc_optimizer.zero_grad(set_to_none=True)
+            if objective_optimizer is not None:
+                objective_optimizer.zero_grad(set_to_none=True)
             state.step += 1
             losses.append(loss_value if applied else math.nan)
             update_data_waits.append(data_wait)
@@ -405,8 +401,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             stopped_by = stop.agreed(world_size, device)
             periodic = cfg.output.checkpoint_every > 0 and state.step % cfg.output.checkpoint_every == 0
             if periodic or stopped_by is not None or state.step == stop_at:
-                last_checkpoint = _checkpoint(cfg, state, loader, scaler, backbone, optimizer, pfc,
-                                              fc_optimizer, ctx, checkpoints_dir, logger)
+                last_checkpoint = _checkpoint(cfg, state, loader, scaler, backbone, optimizer, objective,
+                                              objective_optimizer, ctx, checkpoints_dir, logger)
             if stopped_by is not None:
                 logger.info(f"received {signal.Signals(stopped_by).name}: checkpoint written at step "
                             f"{state.step}; stopping (resume with output.resume=auto)")
@@ -414,8 +410,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
         if state.step >= stop_at and (last_checkpoint is None or not last_checkpoint.name.endswith(
                 f"{state.step:08d}")):
             # Resumed a run that was already at its end: still leave a final checkpoint behind.
-            last_checkpoint = _checkpoint(cfg, state, loader, scaler, backbone, optimizer, pfc, fc_optimizer,
-                                          ctx, checkpoints_dir, logger)
+            last_checkpoint = _checkpoint(cfg, state, loader, scaler, backbone, optimizer, objective,
+                                          objective_optimizer, ctx, checkpoints_dir, logger)
         if rank == 0 and last_checkpoint is not None and state.step >= stop_at:
             logger.info(_next_commands(cfg, output_dir))
     finally:
@@ -497,15 +493,16 @@ def _record_verification(cfg: TrainConfig, results: dict[str, Any], state: Train
 
 
 def _checkpoint(cfg: TrainConfig, state: TrainingState, loader: Any, scaler: torch.amp.GradScaler,
-                backbone: nn.Module, optimizer: torch.optim.Optimizer, pfc: PartialFC,
-                fc_optimizer: torch.optim.Optimizer, ctx: DistContext, checkpoints_dir: Path,
+                backbone: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+                objective_optimizer: torch.optim.Optimizer | None, ctx: DistContext, checkpoints_dir: Path,
                 logger: MetricLogger) -> Path:
     """Collective checkpoint of everything (every rank), then rank 0 prunes to the last K."""
     started = time.perf_counter()
     state.loader = loader.state_dict()
     state.scaler = scaler.state_dict() if scaler.is_enabled() else {}
-    path = save_training_checkpoint(checkpoints_dir, state, backbone=backbone, optimizer=optimizer, pfc=pfc,
-                                    fc_optimizer=fc_optimizer, config=cfg.to_dict(), rank=ctx.rank,
+    path = save_training_checkpoint(checkpoints_dir, state, backbone=backbone, optimizer=optimizer,
+                                    objective=objective, objective_optimizer=objective_optimizer,
+                                    config=cfg.to_dict(), rank=ctx.rank,
                                     world_size=ctx.world_size, device=ctx.device)
     if ctx.rank == 0:
         prune_checkpoints(checkpoints_dir, cfg.output.keep_last)

@@ -6,8 +6,9 @@ A training checkpoint is a checkpoint directory in the sense of :mod:`arcface.ch
     <output>/checkpoints/step_00001200/
         backbone.pt                        rank 0: backbone state_dict (unwrapped from DDP / compile)
         optimizer.pt                       rank 0: backbone optimiser state_dict (replicated by DDP)
-        fc_shard_00000-of-00002.pt ...     every rank: its FC rows + row optimiser state
-                                           (arcface.fc_checkpoint, resharded on load by class range)
+        fc_shard_00000-of-00002.pt ...     every rank: the objective's state, e.g. its FC rows + row
+                                           optimiser state (arcface.fc_checkpoint, resharded on load
+                                           by class range; arcface.objectives)
         rng_00000-of-00002.pt ...          every rank: torch / CUDA / numpy / python RNG states
         meta.json                          rank 0, LAST: format version, step, world size, config,
                                            preprocessing contract, and "training": epoch, sampler
@@ -54,8 +55,7 @@ from arcface.checkpoint import (
     write_meta,
 )
 from arcface.distributed import barrier, broadcast_object
-from arcface.fc_checkpoint import list_fc_shards, load_fc_resharded, save_fc_shard, shard_filename
-from arcface.partial_fc import PartialFC
+from arcface.objectives import Objective
 
 __all__ = ["TrainingState", "save_training_checkpoint", "load_training_checkpoint", "find_resume_checkpoint",
            "prune_checkpoints", "unwrap_model", "rng_state", "set_rng_state", "seed_everything",
@@ -147,9 +147,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_training_checkpoint(checkpoints_dir: str | os.PathLike[str], state: TrainingState, *,
-                             backbone: nn.Module, optimizer: torch.optim.Optimizer, pfc: PartialFC,
-                             fc_optimizer: torch.optim.Optimizer, config: dict[str, Any], rank: int = 0,
-                             world_size: int = 1, device: torch.device | None = None) -> Path:
+                             backbone: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+                             objective_optimizer: torch.optim.Optimizer | None, config: dict[str, Any],
+                             rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Path:
     """Write ``checkpoints_dir/step_{state.step:08d}`` collectively; EVERY rank must call it.
 
     Returns the final directory. An existing checkpoint of the same step is replaced only once the
@@ -167,7 +167,7 @@ def save_training_checkpoint(checkpoints_dir: str | os.PathLike[str], state: Tra
     if not tmp.is_dir():
         raise CheckpointError(f"{tmp}: rank {rank} cannot see the checkpoint directory rank 0 created; "
                               "output.dir must be on a filesystem shared by all ranks")
-    save_fc_shard(tmp, pfc, fc_optimizer)
+    objective.save(tmp, objective_optimizer)
     _atomic_torch_save(rng_state(device), tmp / rng_filename(rank, world_size))
     if rank == 0:
         _atomic_torch_save(unwrap_model(backbone).state_dict(), tmp / BACKBONE_FILE)
@@ -175,7 +175,7 @@ def save_training_checkpoint(checkpoints_dir: str | os.PathLike[str], state: Tra
     barrier()
     if rank == 0:
         missing = [name for r in range(world_size)
-                   for name in (shard_filename(r, world_size), rng_filename(r, world_size))
+                   for name in (*objective.checkpoint_files(r, world_size), rng_filename(r, world_size))
                    if not (tmp / name).is_file()]
         if missing:
             raise CheckpointError(f"{tmp}: ranks did not write {', '.join(missing[:4])}")
@@ -256,17 +256,18 @@ def _torch_load(path: Path, map_location: torch.device | str) -> Any:
 
 
 def load_training_checkpoint(path: str | os.PathLike[str], *, backbone: nn.Module,
-                             optimizer: torch.optim.Optimizer, pfc: PartialFC,
-                             fc_optimizer: torch.optim.Optimizer, rank: int = 0, world_size: int = 1,
+                             optimizer: torch.optim.Optimizer, objective: Objective,
+                             objective_optimizer: torch.optim.Optimizer | None, rank: int = 0,
+                             world_size: int = 1,
                              device: torch.device | str = "cpu", restore_rng: bool = True
                              ) -> tuple[TrainingState, dict[str, Any]]:
     """Restore a training checkpoint into freshly built objects (every rank calls it).
 
-    Loads the backbone and its optimiser, this rank's FC rows and row-optimiser state (resharded
-    when the saving world size differs), and this rank's RNG states (same world size only).
-    Returns the loop's :class:`TrainingState` and the checkpoint's metadata (``meta["resharded"]``
-    tells whether the FC was resharded). Raises :class:`CheckpointError` naming the file on any
-    inconsistency.
+    Loads the backbone and its optimiser, this rank's objective state (e.g. its FC rows and
+    row-optimiser state, resharded when the saving world size differs), and this rank's RNG states
+    (same world size only). Returns the loop's :class:`TrainingState` and the checkpoint's metadata
+    (``meta["resharded"]`` tells whether the objective's state was resharded). Raises
+    :class:`CheckpointError` naming the file on any inconsistency.
     """
     device = torch.device(device)
     meta = read_meta(path)
@@ -290,9 +291,7 @@ def load_training_checkpoint(path: str | os.PathLike[str], *, backbone: nn.Modul
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / OPTIMIZER_FILE}: does not fit the backbone optimiser "
                               f"(optim.name or no_decay_bn_bias_prelu changed?): {exc}") from exc
-    list_fc_shards(directory)  # raises a clear error when a rank's shard is missing
-    fc_info = load_fc_resharded(directory, pfc, fc_optimizer)
-    meta["resharded"] = bool(fc_info["resharded"])
+    meta["resharded"] = objective.load(directory, objective_optimizer)
 
     saved_world_size = int(meta.get("world_size", 1))
     if restore_rng and saved_world_size == world_size:

@@ -62,6 +62,14 @@ def test_recipe_backbones_are_registered():
     assert load_config(None, ["backbone.name=LResNet100E-IR"]).backbone.name == "LResNet100E-IR"
 
 
+def test_every_objective_kind_is_registered_and_unknown_kinds_are_named():
+    from arcface.objectives import objective_kinds
+
+    assert config_module.OBJECTIVE_KINDS == objective_kinds()
+    with pytest.raises(ValueError, match="loss.kind must be one of 'margin_softmax'"):
+        load_config(None, ["loss.kind=softmax_plus_magic"])
+
+
 def test_every_margin_name_builds_from_the_config():
     from arcface import margins
 

@@ -95,20 +95,19 @@ def _w2_train_in_two_halves(rank: int, world_size: int, out: str) -> dict:
 
 def _w3_load_then_continue(rank: int, world_size: int, out: str) -> dict:
     """W=3: load the W=2 step-3 checkpoint directly (FC rows of this rank), then continue training."""
-    from arcface.margins import build_margin
+    from arcface.objectives import build_objective
     from arcface.optim import build_backbone_optimizer
-    from arcface.partial_fc import PartialFC
-    from arcface.partition import ClassPartition
     from arcface.train import train
     from arcface.train_state import find_resume_checkpoint, load_training_checkpoint
 
     cfg = make_cfg(Path(out), 4)
     net = tiny_factory(cfg)
-    pfc = PartialFC(ClassPartition(13, world_size, rank), 16, build_margin("cosface", scale=16.0, m3=0.2))
-    fc_opt = pfc.build_optimizer("sgd", lr=0.1)
+    objective = build_objective(cfg, 13, rank, world_size, torch.device("cpu"))
+    pfc = objective.pfc
+    fc_opt = objective.build_optimizer(cfg, 0.1)
     state, meta = load_training_checkpoint(find_resume_checkpoint("auto", out), backbone=net,
-                                           optimizer=build_backbone_optimizer(cfg, net), pfc=pfc,
-                                           fc_optimizer=fc_opt, rank=rank, world_size=world_size)
+                                           optimizer=build_backbone_optimizer(cfg, net), objective=objective,
+                                           objective_optimizer=fc_opt, rank=rank, world_size=world_size)
     rows = pfc.weight.detach().clone()
     momentum = fc_opt.state[pfc.weight]["momentum_buffer"].clone()
     summary = train(cfg, backbone_factory=tiny_factory)
@@ -242,19 +241,18 @@ def test_nonfinite_loss_skipped_then_stops(tmp_path: Path) -> None:
 
 def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: Path) -> None:
     from arcface.checkpoint import CheckpointError, save_backbone_checkpoint
-    from arcface.margins import build_margin
+    from arcface.objectives import build_objective
     from arcface.optim import build_backbone_optimizer
-    from arcface.partial_fc import PartialFC
-    from arcface.partition import ClassPartition
     from arcface.train_state import find_resume_checkpoint, load_training_checkpoint, prune_checkpoints
 
     cfg = make_cfg(tmp_path, 12)
+    cpu = torch.device("cpu")
 
     def load(path: Path) -> None:
         net = tiny_factory(cfg)
-        pfc = PartialFC(ClassPartition(13, 1, 0), 16, build_margin("cosface", scale=16.0, m3=0.2))
-        load_training_checkpoint(path, backbone=net, optimizer=build_backbone_optimizer(cfg, net), pfc=pfc,
-                                 fc_optimizer=pfc.build_optimizer("sgd", lr=0.1))
+        objective = build_objective(cfg, 13, 0, 1, cpu)
+        load_training_checkpoint(path, backbone=net, optimizer=build_backbone_optimizer(cfg, net),
+                                 objective=objective, objective_optimizer=objective.build_optimizer(cfg, 0.1))
 
     good = Path(reference["checkpoint"])
     broken = tmp_path / "broken" / good.name
@@ -271,9 +269,10 @@ def test_checkpoint_errors_name_the_file_and_pruning(reference: dict, tmp_path: 
     wrong_size = make_cfg(tmp_path, 12, "backbone.embedding_size=8")
     net = tiny_factory(wrong_size)
     with pytest.raises(CheckpointError, match=r"backbone\.pt: does not fit"):
-        pfc = PartialFC(ClassPartition(13, 1, 0), 8, build_margin("cosface", scale=16.0, m3=0.2))
+        objective = build_objective(wrong_size, 13, 0, 1, cpu)
         load_training_checkpoint(good, backbone=net, optimizer=build_backbone_optimizer(wrong_size, net),
-                                 pfc=pfc, fc_optimizer=pfc.build_optimizer("sgd", lr=0.1))
+                                 objective=objective,
+                                 objective_optimizer=objective.build_optimizer(wrong_size, 0.1))
     with pytest.raises(CheckpointError, match="output.resume"):
         find_resume_checkpoint(str(tmp_path / "nowhere"), tmp_path)
     assert find_resume_checkpoint("none", reference["out"]) is None
