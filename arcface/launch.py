@@ -66,20 +66,12 @@ def _failure_lines(failures: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arcface.config import load_config
-    from arcface.train import build_arg_parser
+    from arcface.train import parse_command
 
-    parser = build_arg_parser(PROG)
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        parser.print_help(sys.stderr)
+    parsed = parse_command(PROG, argv, lambda message: print(f"{PROG}: {message}", file=sys.stderr))
+    if parsed is None:
         return 2
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+    args, cfg = parsed
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

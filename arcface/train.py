@@ -550,20 +550,30 @@ def _report_error(message: str) -> None:
     print(f"{_prog()}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``arcface-train`` / ``[torchrun] python -m arcface.train``: returns the process exit code (0 done,
-    1 failed while running, 2 bad command line or config, 128 + N stopped by signal N)."""
-    parser = build_arg_parser(_prog())
+def parse_command(prog: str, argv: list[str] | None,
+                  report_error: Callable[[str], None]) -> tuple[argparse.Namespace, TrainConfig] | None:
+    """The command line and the config it names; None (after the usage or ``report_error(message)``)
+    when either is unusable: the caller exits with status 2."""
+    parser = build_arg_parser(prog)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         parser.print_help(sys.stderr)
-        return 2
+        return None
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        return args, load_config(args.config, args.overrides)
     except ValueError as exc:
-        _report_error(str(exc))
+        report_error(str(exc))
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``arcface-train`` / ``[torchrun] python -m arcface.train``: returns the process exit code (0 done,
+    1 failed while running, 2 bad command line or config, 128 + N stopped by signal N)."""
+    parsed = parse_command(_prog(), argv, _report_error)
+    if parsed is None:
         return 2
+    args, cfg = parsed
     try:
         summary = train(cfg, max_steps=args.max_steps, quiet=args.quiet)
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
