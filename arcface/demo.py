@@ -206,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         "--output", str(out / "eval")])
     if not args.no_export:
         runner.run("export ONNX and check parity with the checkpoint", [
-            *_tool("arcface-export"), str(run_dir), "--output", str(out / "export"),
+            *_tool("arcface-export"), "--model", str(run_dir), "--output", str(out / "export"),
             "--eval-pack", str(data / "heldout.bin")])
         model_json = out / "export" / "model.json"
         if model_json.exists():
