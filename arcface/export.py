@@ -481,9 +481,10 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 
 def config_digest(config: dict[str, Any]) -> str:
-    """SHA-256 of the resolved training config in canonical JSON (sorted keys, no whitespace)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 of the resolved config in canonical JSON (:func:`arcface.checkpoint.config_digest`)."""
+    from arcface.checkpoint import config_digest as digest
+
+    return digest(config)
 
 
 def export_model(model, exporter: str = "torchscript", opset: int | None = None,
@@ -708,6 +709,7 @@ def model_card(onnx_path: str | os.PathLike[str], pack_path: str | os.PathLike[s
         "pack": pack.name, "pack_file": str(pack.path), "num_pairs": pack.num_pairs,
         "num_impostor_pairs": impostors,
         "accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
+        "collapsed": result.collapsed,
         "accuracy_protocol": "10-fold, flip-sum embeddings, squared L2 distance (FORMATS.md section 4)",
         "score": "cosine similarity of L2-normalised embeddings; accept a pair when score >= threshold",
         "operating_points": {},

@@ -6,7 +6,9 @@
         --megaface-probes facescrub.txt --megaface-probe-root facescrub_aligned \\
         --megaface-distractors megaface_1m.txt --megaface-distractor-root megaface_aligned
 
-Data errors print one line naming the file/line and exit with status 2 (no traceback).
+The console and the report name the model evaluated (the checkpoint a run folder resolves to, its
+step and config digest) and flag results that must not be read at face value (a collapsed model, a VAL
+FAR target that no threshold reaches). Data errors print one line naming the file/line (no traceback).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
 
 def run(args: argparse.Namespace) -> Path:
     from eval import ijb, verification
-    from eval.embedder import build_embedder
+    from eval.embedder import build_embedder, describe_model, model_identity
     from eval.report import write_report
 
     output = Path(args.output)
@@ -207,6 +209,8 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     embedder = (build_embedder(args.model, device=args.device, batch_size=args.batch_size,
                                flip=not args.no_flip) if args.model else None)
+    identity = model_identity(embedder, args.model) if embedder is not None else None
+    print(f"model: {describe_model(identity)}", flush=True)
     verification_results = []
     for name, path in packs:
         pack = verification.load_pack(path, name, check_count=not args.no_count_check)
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> Path:
     megaface_results = _run_megaface(args, embedder, output) if wants_megaface else []
     for r in megaface_results:
         print(f"MegaFace {r.num_distractors}: rank-1 {100 * r.rank1:.2f}%", flush=True)
-    report = write_report(output, str(args.model), verification_results, ijb_results, megaface_results,
+    report = write_report(output, identity, verification_results, ijb_results, megaface_results,
                           extra={"flip": not args.no_flip, "device": args.device})
     print(f"wrote {report}")
     return report
