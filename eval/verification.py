@@ -44,11 +44,12 @@ COLLAPSE_SPREAD = float(metrics.ACCURACY_THRESHOLDS[1] - metrics.ACCURACY_THRESH
 
 
 def format_far(far: float) -> str:
-    """A false-accept rate for people: ``1e-3``, ``2.5e-4``, ``0.50``, ``1.00``, ``0``."""
+    """A false-accept rate for people, two significant digits: ``1e-3``, ``2.5e-4``, ``0.012``, ``0.5``,
+    ``1``, ``0``."""
     if far == 0:
         return "0"
     if far >= 0.01:
-        return f"{far:.2f}"
+        return f"{far:.2g}"
     mantissa, exponent = f"{far:.1e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
@@ -107,8 +108,8 @@ class VerificationResult:
     ``val_far_target``; ``far_at_val`` is the FAR those thresholds actually gave on the held-out folds,
     and ``val_far_reachable`` is False when no threshold reaches the target on the training folds (the
     VAL is then measured at ``far_at_val``, see :class:`eval.metrics.ValAtFar`). ``collapsed`` is True
-    when all pair distances lie within ``distance_spread < COLLAPSE_SPREAD`` of each other: the model
-    does not tell faces apart (such a result must never be taken as a best model).
+    when the spread of the pair distances (``distance_spread``, max - min) is below ``COLLAPSE_SPREAD``:
+    the model does not tell faces apart (such a result must never be taken as a best model).
     """
 
     name: str

@@ -51,7 +51,7 @@ def test_collapsed_model_is_reported_as_such(embeddings):
     assert result.collapsed and not result.val_far_reachable and result.val_far_target == 1e-3
     assert result.distance_spread < verification.COLLAPSE_SPREAD
     summary = result.summary()
-    assert "VAL 100.00% @ FAR 1.00 (target 1e-3 not reachable)" in summary
+    assert "VAL 100.00% @ FAR 1 (target 1e-3 not reachable)" in summary
     assert "COLLAPSED MODEL" in summary and "VAL@FAR=1e-3 100.00%" not in summary
     record = result.to_dict()
     assert record["collapsed"] is True and record["val_far_reachable"] is False
@@ -102,8 +102,8 @@ def test_far_target_out_of_reach_when_impostor_scores_jump():
 
 
 def test_format_far():
-    assert [verification.format_far(x) for x in (0, 1e-3, 1.4e-4, 3.3e-3, 0.5, 1.0)] == \
-        ["0", "1e-3", "1.4e-4", "3.3e-3", "0.50", "1.00"]
+    assert [verification.format_far(x) for x in (0, 1e-3, 1.4e-4, 3.3e-3, 0.0123, 0.5, 1.0)] == \
+        ["0", "1e-3", "1.4e-4", "3.3e-3", "0.012", "0.5", "1"]
 
 
 def test_report_names_the_model_and_carries_the_warnings(tmp_path):
@@ -117,11 +117,11 @@ def test_report_names_the_model_and_carries_the_warnings(tmp_path):
             "0123456789ab)") in text
     assert "- model as given: `runs/r100`" in text
     assert "> **Warning:** heldout: COLLAPSED MODEL" in text
-    assert ("> **Warning:** heldout: no threshold reaches FAR 1e-3; VAL 100.00% is measured at FAR 1.00"
+    assert ("> **Warning:** heldout: no threshold reaches FAR 1e-3; VAL 100.00% is measured at FAR 1"
             in text)
     assert "other:" not in text.split("| target |")[0]  # no warning for the healthy pack
     assert "| heldout | accuracy (10-fold) | 50.00% +- 0.00% (COLLAPSED MODEL: chance) |" in text
-    assert ("| heldout | VAL at FAR target 1e-3 | 100.00% +- 0.00% at FAR 1.00 (target not reachable) |"
+    assert ("| heldout | VAL at FAR target 1e-3 | 100.00% +- 0.00% at FAR 1 (target not reachable) |"
             in text)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == identity
@@ -216,7 +216,7 @@ def test_eval_reports_a_collapsed_onnx_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"model: {model.resolve()} (onnx, step 7, config sha256 {'ab' * 6})" in printed
     line = next(line for line in printed.splitlines() if line.startswith("heldout:"))
-    assert "accuracy 50.00 +- 0.00%" in line and "VAL 100.00% @ FAR 1.00 (target 1e-3 not reachable)" in line
+    assert "accuracy 50.00 +- 0.00%" in line and "VAL 100.00% @ FAR 1 (target 1e-3 not reachable)" in line
     assert "WARNING: COLLAPSED MODEL: all 40 pair distances are equal" in line
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["step"] == 7 and report["model"]["config_sha256"] == "ab" * 32
