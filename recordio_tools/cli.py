@@ -510,7 +510,8 @@ DATASET_HELP = "a .rec file, its prefix (data/train), a folder holding train.rec
 def build_parser() -> argparse.ArgumentParser:
     """The ``pack_rec`` argument parser."""
     parser = Parser(prog="pack_rec", description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS_HELP)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser,
+                                     help="what to do (pack_rec COMMAND --help lists its options)")
 
     p = commands.add_parser("pack", help="image folder / .lst -> RecordIO shards", epilog=EXIT_STATUS_HELP)
     p.add_argument("source", help="image folder root/<identity>/<image>, an im2rec .lst, or an InsightFace "
