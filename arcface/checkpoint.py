@@ -14,6 +14,7 @@ network from the config stored there, so no network name or embedding size is ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,16 @@ def atomic_directory(final_path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(final_path)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a resolved config in canonical JSON (sorted keys, no whitespace).
+
+    The same digest identifies a checkpoint's ``meta.json`` config, the run's ``config.json`` and the
+    ``config_sha256`` of an exported model, however each file is formatted.
+    """
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def write_meta(directory: Path, step: int, config: dict[str, Any], world_size: int = 1,

@@ -166,22 +166,22 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     pack_rec, torchrun = _tool("pack_rec"), _tool("torchrun")
 
     runner.run("synthetic training identities", [
-        *pack_rec, "synth", "--out", str(data / "faces_train"), "--identities", str(args.identities),
+        *pack_rec, "synth", "-o", str(data / "faces_train"), "--identities", str(args.identities),
         "--images-per-identity", str(args.images), "--seed", str(args.seed), "--workers", str(args.workers)])
     runner.run("held-out identities (disjoint) and a pairs file", [
-        *pack_rec, "synth", "--out", str(data / "faces_heldout"),
+        *pack_rec, "synth", "-o", str(data / "faces_heldout"),
         "--identities", str(args.heldout_identities),
         "--images-per-identity", "6", "--first-identity", str(args.identities), "--seed", str(args.seed),
         "--pairs", str(args.pairs), "--pairs-file", str(data / "heldout_pairs.txt"),
         "--workers", str(args.workers)])
     runner.run("pack the training set into RecordIO shards", [
-        *pack_rec, "pack", str(data / "faces_train"), str(data / "train"), "--num-shards", str(args.shards),
-        "--workers", str(args.workers), "--shuffle", "--seed", str(args.seed)])
+        *pack_rec, "pack", str(data / "faces_train"), "-o", str(data / "train"), "--num-shards",
+        str(args.shards), "--workers", str(args.workers), "--shuffle", "--seed", str(args.seed)])
     manifest = data / "train.manifest.json"
     runner.run("verify every record of every shard", [*pack_rec, "verify", str(manifest)])
     runner.run("dataset summary", [*pack_rec, "info", str(manifest)])
     runner.run("verification pack of the held-out pairs", [
-        *pack_rec, "bin", str(data / "heldout_pairs.txt"), str(data / "heldout.bin"),
+        *pack_rec, "bin", str(data / "heldout_pairs.txt"), "-o", str(data / "heldout.bin"),
         "--root", str(data / "faces_heldout")])
 
     train_cmd = [*torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "arcface.train",
@@ -206,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         "--output", str(out / "eval")])
     if not args.no_export:
         runner.run("export ONNX and check parity with the checkpoint", [
-            *_tool("arcface-export"), str(run_dir), "--output", str(out / "export"),
+            *_tool("arcface-export"), "--model", str(run_dir), "--output", str(out / "export"),
             "--eval-pack", str(data / "heldout.bin")])
         model_json = out / "export" / "model.json"
         if model_json.exists():

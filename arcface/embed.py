@@ -1,7 +1,7 @@
 """``arcface-embed``: face images -> embeddings ``.npy`` + index, from a checkpoint or an ONNX model.
 
-    arcface-embed MODEL IMAGES -o OUT.npy [--batch-size 64] [--flip-sum] [--normalize]
-                  [--align-landmarks LANDMARKS.txt] [--root DIR] [--device cpu|cuda:0] [--overwrite]
+    arcface-embed --model MODEL IMAGES -o OUT.npy [--batch-size 64] [--flip-sum] [--normalize]
+                  [--align-landmarks LANDMARKS.txt] [--root DIR] [--device cpu|cuda:0] [--overwrite] [-q]
 
 * ``MODEL``: a checkpoint (directory, its files, or a run folder: latest checkpoint) or an ``.onnx``
   file. Both go through :mod:`eval.embedder` (the project's one embedding path) and
@@ -30,6 +30,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from recordio_tools.cli_style import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    Parser,
+    os_error_status,
+)
 
 __all__ = ["EmbedError", "IMAGE_EXTENSIONS", "list_images", "read_landmarks", "load_face", "embed_images",
            "output_paths", "main"]
@@ -171,9 +180,12 @@ def output_paths(output: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arcface-embed",
-                                     description="Embed face images with a checkpoint or an ONNX model.")
-    parser.add_argument("model", help="checkpoint directory / run folder, or an .onnx file")
+    parser = Parser(prog="arcface-embed", description="Embed face images with a checkpoint or an ONNX model.",
+                    epilog=EXIT_STATUS_HELP)
+    parser.add_argument("--model", help="checkpoint directory / run folder (its latest checkpoint), or an "
+                                        ".onnx file")
+    parser.add_deprecated_positional("legacy_model", "MODEL", "model", "--model")
+    parser.require("model", "--model")
     parser.add_argument("images", help="folder of images (recursive) or a list file (one path per line)")
     parser.add_argument("-o", "--output", required=True,
                         help="OUT.npy; also writes OUT.index.txt (row -> image) and OUT.json")
@@ -181,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: the list's folder)")
     parser.add_argument("--align-landmarks", default=None, metavar="FILE",
                         help="align unaligned photos: lines 'path x1 y1 ... x5 y5' (5 points, photo pixels)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--flip-sum", action="store_true",
                         help="embed image + mirror and sum (the evaluation protocol); default: one image")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
@@ -193,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``arcface-embed``: 0 on success, 2 on bad input."""
+    """Console script ``arcface-embed``: 0 on success, 1 when writing fails, 2 on bad arguments or input,
+    130 when interrupted."""
     from arcface.checkpoint import CheckpointError
     from eval.embedder import build_embedder
 
@@ -233,11 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(tmp_npy, npy_path)  # last: the embeddings exist only once the index does
     except (EmbedError, CheckpointError, ValueError) as exc:
         print(f"arcface-embed: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"arcface-embed: error: {exc}", file=sys.stderr)
+        return os_error_status(exc)
+    except KeyboardInterrupt:
+        print("arcface-embed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         tmp_npy.unlink(missing_ok=True)
     print(f"{npy_path}: {len(items)} x {embedding_size} embeddings; index {index_path}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

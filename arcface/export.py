@@ -44,6 +44,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from recordio_tools.cli_style import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    os_error_status,
+)
+
 __all__ = ["ExportError", "ParityError", "ExportOptions", "ExportResult", "export_checkpoint", "export_model",
            "fold_batchnorm", "FoldStats", "check_contract", "insightface_normalisation",
            "float_initializer_types", "graph_digest", "count_parameters", "parity_inputs", "parity_report",
@@ -472,9 +481,10 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 
 def config_digest(config: dict[str, Any]) -> str:
-    """SHA-256 of the resolved training config in canonical JSON (sorted keys, no whitespace)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 of the resolved config in canonical JSON (:func:`arcface.checkpoint.config_digest`)."""
+    from arcface.checkpoint import config_digest as digest
+
+    return digest(config)
 
 
 def export_model(model, exporter: str = "torchscript", opset: int | None = None,
@@ -699,6 +709,7 @@ def model_card(onnx_path: str | os.PathLike[str], pack_path: str | os.PathLike[s
         "pack": pack.name, "pack_file": str(pack.path), "num_pairs": pack.num_pairs,
         "num_impostor_pairs": impostors,
         "accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
+        "collapsed": result.collapsed,
         "accuracy_protocol": "10-fold, flip-sum embeddings, squared L2 distance (FORMATS.md section 4)",
         "score": "cosine similarity of L2-normalised embeddings; accept a pair when score >= threshold",
         "operating_points": {},
@@ -788,12 +799,13 @@ def _log(progress: bool, message: str) -> None:
 
 def _check_preprocess_contract(meta: dict[str, Any], checkpoint: str) -> dict[str, Any]:
     from arcface import preprocess
+    from arcface.checkpoint import CheckpointError
 
     current = preprocess.metadata()
     stored = meta.get("preprocess") or {}
     for key in ("input_size", "color_order", "mean", "std"):
         if key in stored and stored[key] != current[key]:
-            raise ExportError(f"{checkpoint}: checkpoint was trained with preprocess.{key}="
+            raise CheckpointError(f"{checkpoint}: checkpoint was trained with preprocess.{key}="
                               f"{stored[key]!r} but this code normalises with {current[key]!r}; the ONNX "
                               "input contract would be wrong")
     return current
@@ -1019,27 +1031,34 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="arcface-export",
-        description="Export a checkpoint to ONNX (model.onnx + model.json) and prove parity with PyTorch.")
-    parser.add_argument("checkpoint", help="checkpoint directory (meta.json + backbone.pt), or a run folder "
-                                           "(its latest checkpoint is used)")
+        description="Export a checkpoint to ONNX (model.onnx + model.json) and prove parity with PyTorch.",
+        epilog="exit status: 0 exported, parity passed; 1 failed while running (export, graph checks, parity "
+               "of the model or of a variant); 2 bad arguments or checkpoint, or outputs exist; 130 "
+               "interrupted")
+    parser.add_argument("--model", help="checkpoint directory (meta.json + backbone.pt), or a run folder "
+                                        "(its latest checkpoint is used)")
+    parser.add_deprecated_positional("checkpoint", "CHECKPOINT", "model", "--model")
+    parser.require("model", "--model")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory for model.onnx and model.json")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
-                        help="torch.onnx exporter: torchscript (dynamo=False, default) or dynamo "
-                             "(torch.export)")
+                        help="torch.onnx exporter: torchscript (dynamo=False) or dynamo (torch.export)")
     parser.add_argument("--opset", type=int, default=None,
-                        help=f"ONNX opset (>= {MIN_OPSET}; default {DEFAULT_OPSET})")
+                        help=f"ONNX opset, >= {MIN_OPSET} (default: {DEFAULT_OPSET['torchscript']} with "
+                             f"torchscript, {DEFAULT_OPSET['dynamo']} with dynamo)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the onnxruntime-vs-PyTorch parity check (not recommended)")
     parser.add_argument("--parity-batch-sizes", type=_sizes, default=(1, 32), metavar="B[,B..]",
-                        help="batch sizes of the parity sets (default 1,32)")
+                        help="batch sizes of the parity sets (default: 1,32)")
     parser.add_argument("--latency-runs", type=int, default=5, help="timed runs per batch size (0 skips)")
-    parser.add_argument("--latency-batch-sizes", type=_sizes, default=(1, 32), metavar="B[,B..]")
+    parser.add_argument("--latency-batch-sizes", type=_sizes, default=(1, 32), metavar="B[,B..]",
+                        help="batch sizes of the latency measurement (default: 1,32)")
     parser.add_argument("--eval-pack", default=None,
                         help="verification .bin pack for the model card (thresholds at FAR 1e-3/1e-4/1e-5)")
-    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=64,
+                        help="images per forward pass when embedding --eval-pack")
     parser.add_argument("--fp16", action="store_true",
                         help=f"also write {FP16_FILE} (fp16 weights, fp32 I/O)")
     parser.add_argument("--int8", action="store_true",
@@ -1048,12 +1067,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that failed parity as model.rejected.onnx for inspection")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parity/latency inputs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress messages")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``arcface-export``: 0 on success, 1 when parity fails, 2 on bad input/export errors."""
+    """Console script ``arcface-export``: 0 on success, 1 when the export, its checks or parity fail while
+    running, 2 on bad arguments or input (checkpoint, existing outputs), 130 when interrupted."""
     from arcface.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -1064,13 +1084,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 eval_batch_size=args.eval_batch_size, fp16=args.fp16, int8=args.int8,
                                 overwrite=args.overwrite, keep_failed=args.keep_failed, seed=args.seed,
                                 progress=not args.quiet)
-        result = export_checkpoint(args.checkpoint, args.output, options)
+        result = export_checkpoint(args.model, args.output, options)
     except ParityError as exc:
         print(f"arcface-export: parity check FAILED: {exc}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ExportError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        return EXIT_FAILURE
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"arcface-export: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except ExportError as exc:
+        print(f"arcface-export: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"arcface-export: error: {exc}", file=sys.stderr)
+        return os_error_status(exc)
+    except KeyboardInterrupt:
+        print("arcface-export: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     parity = result.card["parity"]
     status = "skipped" if parity.get("skipped") else "passed"
     print(f"{result.onnx_path}: parity {status}; card {result.card_path}")
@@ -1079,8 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.failed_variants:
         print(f"arcface-export: variant(s) {', '.join(result.failed_variants)} beyond their parity "
               f"tolerance; not written (numbers in {result.card_path})", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

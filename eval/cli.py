@@ -1,12 +1,14 @@
 """``arcface-eval``: evaluate a checkpoint or ONNX model on any set of targets and write a report.
 
-    arcface-eval --model runs/r100/checkpoints --output reports/r100 \\
+    arcface-eval --model runs/r100/checkpoints -o reports/r100 \\
         --bin data/lfw.bin --bin data/cfp_fp.bin --bin data/agedb_30.bin \\
         --ijb data/IJB_release/IJBC \\
         --megaface-probes facescrub.txt --megaface-probe-root facescrub_aligned \\
         --megaface-distractors megaface_1m.txt --megaface-distractor-root megaface_aligned
 
-Data errors print one line naming the file/line and exit with status 2 (no traceback).
+The console and the report name the model evaluated (the checkpoint a run folder resolves to, its
+step and config digest) and flag results that must not be read at face value (a collapsed model, a VAL
+FAR target that no threshold reaches). Data errors print one line naming the file/line (no traceback).
 """
 
 from __future__ import annotations
@@ -18,17 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
+from recordio_tools.cli_style import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    Parser,
+    os_error_status,
+)
+
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="arcface-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (or run folder: latest checkpoint) or .onnx file")
-    p.add_argument("--output", required=True, help="folder for report.md, report.json, PNGs, caches")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p = Parser(prog="arcface-eval", description=__doc__, epilog=EXIT_STATUS_HELP)
+    p.add_argument("--model", help="checkpoint directory, run folder (its latest checkpoint) or .onnx file; "
+                                   "not needed for MegaFace from feature folders")
+    p.add_argument("-o", "--output", required=True, help="folder for report.md, report.json, PNGs, caches")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--no-flip", action="store_true", help="embed images without the mirrored copy")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("verification packs")
     g.add_argument("--bin", action="append", default=[], metavar="[NAME=]PATH",
                    help="a .bin pack (repeatable); NAME defaults to the file stem")
@@ -51,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--megaface-distractor-features", help="existing devkit feature folder for distractors")
     g.add_argument("--megaface-suffix", default="_arcface", help="devkit feature file suffix")
     g.add_argument("--megaface-sizes", default="10,100,1000,10000,100000,1000000",
-                   help="distractor counts to report (clipped to the list length)")
+                   help="comma-separated distractor counts to report (clipped to the list length)")
     g.add_argument("--facescrub-noise", help="FaceScrub noise list (refined protocol)")
     g.add_argument("--megaface-noise", help="MegaFace distractor noise list (refined protocol)")
     g.add_argument("--megaface-fp16", action="store_true", help="store distractor features as fp16")
@@ -106,7 +118,7 @@ def _bind_feature_folder(feature_root: Path, manifest: dict) -> None:
 
 
 def _embed_folder(embedder, root: Path, names: list[str], feature_root: Path, suffix: str,
-                  batch_size: int, fingerprint: dict) -> None:
+                  batch_size: int, fingerprint: dict, progress: bool = True) -> None:
     """Embed aligned images into devkit files, skipping images whose feature file exists (resume)."""
     from tqdm import tqdm
 
@@ -115,7 +127,7 @@ def _embed_folder(embedder, root: Path, names: list[str], feature_root: Path, su
 
     _bind_feature_folder(feature_root, {**fingerprint, "images": str(root.resolve()), "suffix": suffix})
     todo = [n for n in names if not megaface.feature_path(feature_root, n, suffix).is_file()]
-    with tqdm(total=len(todo), desc=f"embed {root.name}", unit="img") as bar:
+    with tqdm(total=len(todo), desc=f"embed {root.name}", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), 4096):
             block = todo[start:start + 4096]
             features = embed_encoded(embedder, ((root / n).read_bytes() for n in block), batch_size,
@@ -140,11 +152,12 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
                                  "--model to embed the images")
             feature_dirs[role] = output / "megaface_features" / role
             _embed_folder(embedder, Path(root_arg), names, feature_dirs[role], args.megaface_suffix,
-                          args.batch_size, _model_fingerprint(args.model, not args.no_flip))
+                          args.batch_size, _model_fingerprint(args.model, not args.no_flip),
+                          progress=not args.quiet)
         else:
             raise ValueError(f"MegaFace {role}: give an image root or a feature folder")
     probes = megaface.read_feature_folder(feature_dirs["facescrub"], probe_names, args.megaface_suffix,
-                                          progress=True)
+                                          progress=not args.quiet)
     dtype = np.float16 if args.megaface_fp16 else np.float32
     # A memory map keeps a 1M x 512 distractor matrix off the heap; the search reads it chunk by chunk.
     dim = megaface.read_feature(megaface.feature_path(feature_dirs["megaface"], distractor_names[0],
@@ -154,7 +167,7 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
     scratch = output / f".megaface_distractors.scratch-{os.getpid()}.npy"
     store = np.lib.format.open_memmap(scratch, mode="w+", dtype=dtype, shape=(len(distractor_names), dim))
     megaface.read_feature_folder(feature_dirs["megaface"], distractor_names, args.megaface_suffix, out=store,
-                                 progress=True)
+                                 progress=not args.quiet)
     megaface.normalise_rows_inplace(store)
     probe_noisy = distractor_noisy = None
     if args.facescrub_noise:
@@ -173,7 +186,7 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
     try:
         return megaface.evaluate_megaface(probes, probe_ids, store, sizes=sizes, probe_noisy=probe_noisy,
                                           distractor_noisy=distractor_noisy, device=args.device,
-                                          progress=True)
+                                          progress=not args.quiet)
     finally:
         del store
         scratch.unlink(missing_ok=True)
@@ -181,7 +194,7 @@ def _run_megaface(args: argparse.Namespace, embedder, output: Path) -> list:
 
 def run(args: argparse.Namespace) -> Path:
     from eval import ijb, verification
-    from eval.embedder import build_embedder
+    from eval.embedder import build_embedder, describe_model, model_identity
     from eval.report import write_report
 
     output = Path(args.output)
@@ -196,10 +209,13 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     embedder = (build_embedder(args.model, device=args.device, batch_size=args.batch_size,
                                flip=not args.no_flip) if args.model else None)
+    identity = model_identity(embedder, args.model) if embedder is not None else None
+    print(f"model: {describe_model(identity)}", flush=True)
     verification_results = []
     for name, path in packs:
         pack = verification.load_pack(path, name, check_count=not args.no_count_check)
-        result = verification.evaluate_pack(embedder, pack, batch_size=args.batch_size, progress=True)
+        result = verification.evaluate_pack(embedder, pack, batch_size=args.batch_size,
+                                            progress=not args.quiet)
         print(result.summary(), flush=True)
         verification_results.append(result)
     ijb_results = []
@@ -209,29 +225,35 @@ def run(args: argparse.Namespace) -> Path:
         result = ijb.evaluate_ijb(embedder, root, cache_dir=cache, batch_size=args.batch_size,
                                   use_detector_score=not args.no_detector_score,
                                   norm_as_quality=not args.no_norm_quality, model_id=str(args.model),
-                                  chunk_size=args.ijb_chunk)
+                                  chunk_size=args.ijb_chunk, progress=not args.quiet)
         print(f"{result.name}: TAR@FAR=1e-4 {100 * result.tar_nearest['0.0001']:.2f}%", flush=True)
         ijb_results.append(result)
     megaface_results = _run_megaface(args, embedder, output) if wants_megaface else []
     for r in megaface_results:
         print(f"MegaFace {r.num_distractors}: rank-1 {100 * r.rank1:.2f}%", flush=True)
-    report = write_report(output, str(args.model), verification_results, ijb_results, megaface_results,
+    report = write_report(output, identity, verification_results, ijb_results, megaface_results,
                           extra={"flip": not args.no_flip, "device": args.device})
     print(f"wrote {report}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status."""
+    """Console entry point; returns the exit status (:mod:`recordio_tools.cli_style`)."""
     from arcface.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad arguments or input files
         print(f"arcface-eval: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    except OSError as error:  # reading or writing failed while running
+        print(f"arcface-eval: error: {error}", file=sys.stderr)
+        return os_error_status(error)
+    except KeyboardInterrupt:
+        print("arcface-eval: interrupted (rerun to resume cached IJB/MegaFace features)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

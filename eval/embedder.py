@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from arcface import preprocess
 
 __all__ = ["Embedder", "ModelEmbedder", "CheckpointEmbedder", "OnnxEmbedder", "build_embedder",
-           "embed_encoded", "iter_batches"]
+           "embed_encoded", "iter_batches", "model_identity", "describe_model"]
 
 
 @runtime_checkable
@@ -215,6 +215,43 @@ def build_embedder(path_or_model: str | os.PathLike[str] | nn.Module, device: st
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return OnnxEmbedder(path, providers=providers, batch_size=batch_size, flip=flip)
     return CheckpointEmbedder(path, device=device, batch_size=batch_size, flip=flip, dtype=dtype)
+
+
+def model_identity(embedder: Embedder, given: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Which model an embedder runs, for reports: ``{"given", "kind", "path", "step", "config_sha256"}``.
+
+    ``given`` is the path as the user wrote it (a run folder, say); ``path`` the file or checkpoint
+    directory actually loaded (absolute); ``kind`` ``"checkpoint"``, ``"onnx"`` or ``"live model"``;
+    ``step`` the training step and ``config_sha256`` the digest of the training config
+    (:func:`arcface.checkpoint.config_digest`) from the checkpoint's ``meta.json`` or the metadata
+    ``arcface-export`` writes into ONNX files; ``None`` where the model does not say.
+    """
+    identity: dict[str, Any] = {"given": None if given is None else str(given), "kind": "live model",
+                                "path": None, "step": None, "config_sha256": None}
+    if isinstance(embedder, CheckpointEmbedder):
+        from arcface.checkpoint import config_digest
+
+        identity.update(kind="checkpoint", path=str(Path(embedder.meta["_dir"]).resolve()),
+                        step=embedder.meta.get("step"), config_sha256=config_digest(embedder.meta["config"]))
+    elif isinstance(embedder, OnnxEmbedder):
+        metadata = embedder.session.get_modelmeta().custom_metadata_map
+        step = metadata.get("checkpoint_step", "")
+        identity.update(kind="onnx", path=str(embedder.path.resolve()),
+                        step=int(step) if step.isdigit() else None,
+                        config_sha256=metadata.get("config_sha256") or None)
+    return identity
+
+
+def describe_model(identity: dict[str, Any] | None) -> str:
+    """One line for consoles and reports, e.g. ``/runs/r100/checkpoints/step_00001200 (checkpoint, step 1200,
+    config sha256 3f2a9c1b0d4e)``; the digest is shortened to 12 hex digits."""
+    if identity is None:
+        return "none (features read from folders)"
+    step = "step unknown" if identity.get("step") is None else f"step {identity['step']}"
+    digest = identity.get("config_sha256")
+    config = f"config sha256 {digest[:12]}" if digest else "config unknown"
+    where = identity.get("path") or identity.get("given") or "in memory"
+    return f"{where} ({identity['kind']}, {step}, {config})"
 
 
 def iter_batches(items: Iterable, batch_size: int) -> Iterator[list]:

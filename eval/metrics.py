@@ -18,7 +18,8 @@ import numpy as np
 
 __all__ = [
     "ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "DEFAULT_FARS", "l2_normalize", "squared_l2_distance",
-    "kfold_splits", "KFoldResult", "kfold_accuracy", "val_at_far", "best_global_threshold", "roc_curve",
+    "kfold_splits", "KFoldResult", "kfold_accuracy", "ValAtFar", "val_at_far", "val_at_far_detail",
+    "best_global_threshold", "roc_curve",
     "tar_at_far", "thresholds_at_far", "operating_points", "cmc_from_ranks", "ranks_from_similarity",
     "cmc", "tpir_at_fpir",
 ]
@@ -137,30 +138,66 @@ def _threshold_for_far_on_train(distances: np.ndarray, issame: np.ndarray, thres
     return float(thresholds[upper - 1] + weight * (thresholds[upper] - thresholds[upper - 1]))
 
 
-def val_at_far(distances: np.ndarray, issame: np.ndarray | Sequence[bool], far_target: float = 1e-3,
-               thresholds: np.ndarray = VAL_THRESHOLDS, n_folds: int = 10
-               ) -> tuple[float, float, float]:
-    """VAL (true-accept rate) at a FAR, per fold with the threshold interpolated on the other folds.
+@dataclass
+class ValAtFar:
+    """VAL at a FAR target, with what was actually reached.
 
-    Returns ``(val_mean, val_std, far_mean)`` over the held-out folds.
+    ``val``/``val_std``/``far`` are means (std) over the held-out folds. ``train_far[k]`` is the FAR of
+    fold k's threshold on the other folds' pairs. ``reachable`` says whether every fold's threshold
+    reaches the target there: ``train_far[k] <= 2 * far_target + 1 / n_k`` for ``n_k`` training impostor
+    pairs (a factor 2 for the 0.001 threshold grid, one pair for the ``1/n`` step of a measured FAR). It
+    is False when the scores leave no threshold near the target, e.g. when many impostor pairs share one
+    distance (a collapsed model: the FAR jumps from 0 to 1); ``val`` is then measured at the FAR ``far``,
+    not at the target.
     """
+
+    val: float
+    val_std: float
+    far: float
+    far_target: float
+    train_far: np.ndarray
+    reachable: bool
+
+
+def val_at_far_detail(distances: np.ndarray, issame: np.ndarray | Sequence[bool], far_target: float = 1e-3,
+                      thresholds: np.ndarray = VAL_THRESHOLDS, n_folds: int = 10) -> ValAtFar:
+    """VAL (true-accept rate) at a FAR, per fold with the threshold interpolated on the other folds."""
     distances = np.asarray(distances, dtype=np.float64)
     issame = _as_bool_labels(issame, distances.shape[0], "val_at_far")
     thresholds = np.asarray(thresholds, dtype=np.float64)
     folds = kfold_splits(distances.shape[0], n_folds)
     vals = np.zeros(n_folds)
     fars = np.zeros(n_folds)
+    train_fars = np.zeros(n_folds)
+    reachable = True
     everything = np.ones(distances.shape[0], dtype=bool)
     for k, test_idx in enumerate(folds):
         train_mask = everything.copy()
         train_mask[test_idx] = False
         threshold = _threshold_for_far_on_train(distances[train_mask], issame[train_mask], thresholds,
                                                 far_target)
+        train_impostor = distances[train_mask & ~issame]
+        if train_impostor.size:
+            train_fars[k] = (train_impostor < threshold).mean()
+            reachable &= bool(train_fars[k] <= 2 * far_target + 1.0 / train_impostor.size + 1e-12)
         predict_same = distances[test_idx] < threshold
         genuine = issame[test_idx]
         vals[k] = (predict_same & genuine).sum() / max(genuine.sum(), 1)
         fars[k] = (predict_same & ~genuine).sum() / max((~genuine).sum(), 1)
-    return float(vals.mean()), float(vals.std()), float(fars.mean())
+    return ValAtFar(float(vals.mean()), float(vals.std()), float(fars.mean()), float(far_target), train_fars,
+                    reachable)
+
+
+def val_at_far(distances: np.ndarray, issame: np.ndarray | Sequence[bool], far_target: float = 1e-3,
+               thresholds: np.ndarray = VAL_THRESHOLDS, n_folds: int = 10
+               ) -> tuple[float, float, float]:
+    """VAL (true-accept rate) at a FAR, per fold with the threshold interpolated on the other folds.
+
+    Returns ``(val_mean, val_std, far_mean)`` over the held-out folds; :func:`val_at_far_detail` also
+    says whether the target was reachable.
+    """
+    result = val_at_far_detail(distances, issame, far_target, thresholds, n_folds)
+    return result.val, result.val_std, result.far
 
 
 def best_global_threshold(distances: np.ndarray, issame: np.ndarray | Sequence[bool],

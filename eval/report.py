@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from eval import plots
+from eval.embedder import describe_model
 from eval.ijb import IJBResult
 from eval.megaface import MegaFaceResult
-from eval.verification import VerificationResult
+from eval.verification import VerificationResult, format_far
 
-__all__ = ["report_rows", "write_report"]
+__all__ = ["report_rows", "report_warnings", "write_report"]
 
 
 def _pct(value: float) -> str:
@@ -32,9 +33,12 @@ def report_rows(verification: Sequence[VerificationResult] = (), ijb: Sequence[I
     """``(target, metric, value)`` rows of the report table."""
     rows: list[tuple[str, str, str]] = []
     for r in verification:
-        rows += [(r.name, "accuracy (10-fold)", f"{_pct(r.accuracy_mean)} +- {_pct(r.accuracy_std)}"),
-                 (r.name, "VAL@FAR=1e-3", f"{_pct(r.val_at_far_1e3)} +- {_pct(r.val_at_far_1e3_std)} "
-                                          f"(FAR {r.far_at_val:.2e})"),
+        accuracy = f"{_pct(r.accuracy_mean)} +- {_pct(r.accuracy_std)}"
+        accuracy += " (COLLAPSED MODEL: chance)" if r.collapsed else ""
+        val = f"{_pct(r.val_at_far_1e3)} +- {_pct(r.val_at_far_1e3_std)} at FAR {format_far(r.far_at_val)}"
+        val += "" if r.val_far_reachable else " (target not reachable)"
+        rows += [(r.name, "accuracy (10-fold)", accuracy),
+                 (r.name, f"VAL at FAR target {format_far(r.val_far_target)}", val),
                  (r.name, "best threshold (squared L2)", f"{r.best_threshold:.2f} "
                                                          f"(accuracy {_pct(r.best_threshold_accuracy)})"),
                  (r.name, "embedding norm (mean)", f"{r.norm_mean:.2f}"),
@@ -59,16 +63,34 @@ def report_rows(verification: Sequence[VerificationResult] = (), ijb: Sequence[I
     return rows
 
 
+def report_warnings(verification: Sequence[VerificationResult] = ()) -> list[str]:
+    """Results that must not be read at face value: collapsed models, VAL targets out of reach."""
+    warnings = []
+    for r in verification:
+        if r.collapsed:
+            warnings.append(f"{r.name}: {r.collapse_warning()}")
+        if not r.val_far_reachable:
+            warnings.append(f"{r.name}: no threshold reaches FAR {format_far(r.val_far_target)}; VAL "
+                            f"{_pct(r.val_at_far_1e3)} is measured at FAR {format_far(r.far_at_val)}")
+    return warnings
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def write_report(output: str | os.PathLike[str], model: str, verification: Sequence[VerificationResult] = (),
-                 ijb: Sequence[IJBResult] = (), megaface: Sequence[MegaFaceResult] = (),
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write report.md, report.json, PNG plots and IJB score arrays into ``output``; return report.md."""
+def write_report(output: str | os.PathLike[str], model: dict[str, Any] | str | None,
+                 verification: Sequence[VerificationResult] = (), ijb: Sequence[IJBResult] = (),
+                 megaface: Sequence[MegaFaceResult] = (), extra: dict[str, Any] | None = None) -> Path:
+    """Write report.md, report.json, PNG plots and IJB score arrays into ``output``; return report.md.
+
+    ``model`` is the evaluated model as :func:`eval.embedder.model_identity` describes it (a plain path
+    is taken as what the user gave; ``None``: no model, features read from folders).
+    """
+    if isinstance(model, str | os.PathLike):
+        model = {"given": str(model), "kind": "unknown", "path": None, "step": None, "config_sha256": None}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     images: list[str] = []
@@ -103,10 +125,17 @@ def write_report(output: str | os.PathLike[str], model: str, verification: Seque
 
     rows = report_rows(verification, ijb, megaface)
     when = dt.datetime.now().isoformat(timespec="seconds")
-    lines = ["# Evaluation report", "", f"- model: `{model}`", f"- date: {when}"]
+    warnings = report_warnings(verification)
+    lines = ["# Evaluation report", "", f"- model: {describe_model(model)}"]
+    if model and model.get("given") and model["given"] != model.get("path"):
+        lines.append(f"- model as given: `{model['given']}`")
+    lines.append(f"- date: {when}")
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "| target | metric | value |", "|---|---|---|"]
+    lines.append("")
+    for text in warnings:
+        lines += [f"> **Warning:** {text}", ""]
+    lines += ["| target | metric | value |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in rows]
     lines += ["", "Accuracy: standard protocol (flip-sum, L2, squared distance, 10 ordered folds). IJB TAR "
               "is read from the template-pair ROC: 'nearest' = the ROC point whose FAR is closest to the "
@@ -115,7 +144,7 @@ def write_report(output: str | os.PathLike[str], model: str, verification: Seque
     lines += [f"![{name}]({name})" for name in images]
     report_md = output / "report.md"
     _atomic_text(report_md, "\n".join(lines) + "\n")
-    payload = {"model": model, "date": when, "extra": extra or {},
+    payload = {"model": model, "date": when, "extra": extra or {}, "warnings": warnings,
                "verification": [r.to_dict() for r in verification], "ijb": [r.to_dict() for r in ijb],
                "megaface": [r.to_dict() for r in megaface],
                "table": [{"target": t, "metric": m, "value": v} for t, m, v in rows], "plots": images}

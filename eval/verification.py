@@ -2,8 +2,9 @@
 
 Protocol (FORMATS.md section 4): embed each image and its mirror and sum, L2-normalise, squared L2
 distance per pair, 10 ordered folds, per fold the threshold (0..4 step 0.01) best on the other nine,
-accuracy on the held-out fold; mean +- std. Also VAL@FAR=1e-3, the best global threshold, the mean
-embedding norm (before normalisation) and the ROC.
+accuracy on the held-out fold; mean +- std. Also VAL at FAR 1e-3 with the FAR actually reached, the
+best global threshold, the mean embedding norm (before normalisation) and the ROC. A model whose pair
+distances are all (nearly) equal is flagged as collapsed: its numbers are chance, whatever they say.
 
 Distributed evaluation: with ``world_size > 1`` every rank embeds a contiguous slice of the images
 (no communication while embedding) and a single all-gather at the very end assembles the embeddings,
@@ -26,13 +27,31 @@ import torch
 from eval import metrics
 from eval.embedder import Embedder, embed_encoded
 
-__all__ = ["STANDARD_PAIR_COUNTS", "VerificationPack", "VerificationResult", "load_pack", "evaluate_pack",
-           "evaluate_embeddings", "gather_rows"]
+__all__ = ["STANDARD_PAIR_COUNTS", "VAL_FAR_TARGET", "COLLAPSE_SPREAD", "VerificationPack",
+           "VerificationResult", "load_pack", "evaluate_pack", "evaluate_embeddings", "gather_rows",
+           "format_far"]
 
 # Published pair counts; a pack with one of these names but another count is refused (it is not the
 # pack whose numbers people compare against).
 STANDARD_PAIR_COUNTS = {"lfw": 6000, "cfp_fp": 7000, "cfp_ff": 7000, "agedb_30": 6000, "calfw": 6000,
                         "cplfw": 6000, "vgg2_fp": 5000}
+
+VAL_FAR_TARGET = 1e-3
+# A model is "collapsed" when all pair distances (squared L2 of unit vectors, in [0, 4]) lie within one
+# step of the accuracy protocol's threshold grid: the protocol cannot separate any pairs, accuracy is
+# chance (typically "50.00 +- 0.00%, threshold 0.00") and no other number means anything.
+COLLAPSE_SPREAD = float(metrics.ACCURACY_THRESHOLDS[1] - metrics.ACCURACY_THRESHOLDS[0])
+
+
+def format_far(far: float) -> str:
+    """A false-accept rate for people, two significant digits: ``1e-3``, ``2.5e-4``, ``0.012``, ``0.5``,
+    ``1``, ``0``."""
+    if far == 0:
+        return "0"
+    if far >= 0.01:
+        return f"{far:.2g}"
+    mantissa, exponent = f"{far:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 @dataclass
@@ -83,7 +102,15 @@ def load_pack(path: str | os.PathLike[str], name: str | None = None, check_count
 
 @dataclass
 class VerificationResult:
-    """Everything the protocol reports for one pack; ``to_dict`` drops the bulky arrays."""
+    """Everything the protocol reports for one pack; ``to_dict`` drops the bulky arrays.
+
+    ``val_at_far_1e3`` is the VAL of the protocol's per-fold thresholds for the target
+    ``val_far_target``; ``far_at_val`` is the FAR those thresholds actually gave on the held-out folds,
+    and ``val_far_reachable`` is False when no threshold reaches the target on the training folds (the
+    VAL is then measured at ``far_at_val``, see :class:`eval.metrics.ValAtFar`). ``collapsed`` is True
+    when the spread of the pair distances (``distance_spread``, max - min) is below ``COLLAPSE_SPREAD``:
+    the model does not tell faces apart (such a result must never be taken as a best model).
+    """
 
     name: str
     num_pairs: int
@@ -98,6 +125,10 @@ class VerificationResult:
     fold_accuracy: list[float]
     fold_thresholds: list[float]
     seconds: float = 0.0
+    val_far_target: float = VAL_FAR_TARGET
+    val_far_reachable: bool = True
+    collapsed: bool = False
+    distance_spread: float | None = None
     roc_fpr: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     roc_tpr: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     distances: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -109,10 +140,26 @@ class VerificationResult:
             out.update(roc_fpr=self.roc_fpr.tolist(), roc_tpr=self.roc_tpr.tolist())
         return out
 
+    def val_text(self) -> str:
+        """``VAL 98.90% @ FAR 1.1e-3 (target 1e-3)``, or ``... (target 1e-3 not reachable)``."""
+        note = "" if self.val_far_reachable else " not reachable"
+        return (f"VAL {100 * self.val_at_far_1e3:.2f}% @ FAR {format_far(self.far_at_val)} "
+                f"(target {format_far(self.val_far_target)}{note})")
+
+    def collapse_warning(self) -> str:
+        """The warning for a collapsed model ("" otherwise)."""
+        if not self.collapsed:
+            return ""
+        spread = ("are equal" if not self.distance_spread
+                  else f"lie within {self.distance_spread:.2g} of each other (< {COLLAPSE_SPREAD:g}, the "
+                       "threshold step)")
+        return (f"COLLAPSED MODEL: all {self.num_pairs} pair distances {spread}: the embeddings do not tell "
+                "faces apart, so these numbers are chance")
+
     def summary(self) -> str:
-        return (f"{self.name}: accuracy {100 * self.accuracy_mean:.2f} +- {100 * self.accuracy_std:.2f}%, "
-                f"VAL@FAR=1e-3 {100 * self.val_at_far_1e3:.2f}%, threshold {self.best_threshold:.2f}, "
-                f"norm {self.norm_mean:.2f}")
+        text = (f"{self.name}: accuracy {100 * self.accuracy_mean:.2f} +- {100 * self.accuracy_std:.2f}%, "
+                f"{self.val_text()}, threshold {self.best_threshold:.2f}, norm {self.norm_mean:.2f}")
+        return f"{text}; WARNING: {self.collapse_warning()}" if self.collapsed else text
 
 
 def evaluate_embeddings(name: str, embeddings: np.ndarray, issame: np.ndarray, seconds: float = 0.0
@@ -129,14 +176,17 @@ def evaluate_embeddings(name: str, embeddings: np.ndarray, issame: np.ndarray, s
     normalised = metrics.l2_normalize(embeddings)
     distances = metrics.squared_l2_distance(normalised[0::2], normalised[1::2])
     kfold = metrics.kfold_accuracy(distances, issame)
-    val, val_std, far = metrics.val_at_far(distances, issame, 1e-3)
+    val = metrics.val_at_far_detail(distances, issame, VAL_FAR_TARGET)
     threshold, threshold_acc = metrics.best_global_threshold(distances, issame)
+    spread = float(distances.max() - distances.min())
     return VerificationResult(
         name=name, num_pairs=int(issame.size), accuracy_mean=float(kfold.accuracy.mean()),
-        accuracy_std=float(kfold.accuracy.std()), val_at_far_1e3=val, val_at_far_1e3_std=val_std,
-        far_at_val=far, best_threshold=threshold, best_threshold_accuracy=threshold_acc, norm_mean=norm_mean,
-        fold_accuracy=kfold.accuracy.tolist(), fold_thresholds=kfold.best_thresholds.tolist(),
-        seconds=seconds, roc_fpr=kfold.fpr, roc_tpr=kfold.tpr, distances=distances, issame=issame)
+        accuracy_std=float(kfold.accuracy.std()), val_at_far_1e3=val.val, val_at_far_1e3_std=val.val_std,
+        far_at_val=val.far, best_threshold=threshold, best_threshold_accuracy=threshold_acc,
+        norm_mean=norm_mean, fold_accuracy=kfold.accuracy.tolist(),
+        fold_thresholds=kfold.best_thresholds.tolist(), seconds=seconds, val_far_target=val.far_target,
+        val_far_reachable=val.reachable, collapsed=spread < COLLAPSE_SPREAD, distance_spread=spread,
+        roc_fpr=kfold.fpr, roc_tpr=kfold.tpr, distances=distances, issame=issame)
 
 
 def _slice_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

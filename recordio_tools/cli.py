@@ -2,8 +2,10 @@
 
 Subcommands: ``pack``, ``info``, ``verify``, ``reindex``, ``unpack``, ``bin``, ``synth``. Every
 subcommand that reads a dataset accepts a ``.rec`` path, its prefix, a folder holding ``train.rec``, or
-a shard manifest. Data errors are printed as one clear message (file, key, byte offset) and give a
-non-zero exit status, never a traceback.
+a shard manifest. Data errors are printed as one clear message (file, key, byte offset), never a
+traceback. Exit status (as for every console script of the project, :mod:`recordio_tools.cli_style`):
+0 done, 1 failed while running (``verify`` found problems, a write failed), 2 bad arguments or input
+files, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import synth
+from .cli_style import EXIT_INTERRUPTED, EXIT_STATUS_HELP, EXIT_USAGE, Parser, os_error_status
 from .codec import IR_SIZE, decode_image, encode_image, read_frame, unpack
 from .dataset import open_dataset, read_property, resolve_dataset_path
 from .errors import RecordIOError, format_location
@@ -387,7 +390,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
         indices = np.array(keep, dtype=np.int64)
     indices = indices[: args.limit] if args.limit else indices
     if not args.out and not args.contact_sheet:
-        raise RecordIOError("nothing to do: give --out DIR and/or --contact-sheet FILE.png")
+        raise RecordIOError("nothing to do: give -o/--output DIR and/or --contact-sheet FILE.png")
     tiles, captions = [], []
     for index in indices.tolist():
         if not 0 <= index < len(dataset):
@@ -501,20 +504,26 @@ def _cmd_bin(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+DATASET_HELP = "a .rec file, its prefix (data/train), a folder holding train.rec, or a shard manifest"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pack_rec`` argument parser."""
-    parser = argparse.ArgumentParser(prog="pack_rec", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="pack_rec", description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser,
+                                     help="what to do (pack_rec COMMAND --help lists its options)")
 
-    p = commands.add_parser("pack", help="image folder / .lst -> RecordIO shards",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = commands.add_parser("pack", help="image folder / .lst -> RecordIO shards", epilog=EXIT_STATUS_HELP)
     p.add_argument("source", help="image folder root/<identity>/<image>, an im2rec .lst, or an InsightFace "
                                   "alignment .lst (aligned, path, label, bbox, 5 landmarks)")
-    p.add_argument("output_prefix", help="e.g. out/train -> out/train.rec/.idx (or shards) + manifest")
-    p.add_argument("--layout", choices=["insightface", "plain"], default="insightface")
+    p.add_deprecated_positional("legacy_output_prefix", "OUTPUT_PREFIX", "output_prefix", "-o/--output")
+    p.add_output("output prefix, e.g. out/train -> out/train.rec/.idx (or shards) + out/train.manifest.json",
+                 dest="output_prefix", metavar="PREFIX")
+    p.add_argument("--layout", choices=["insightface", "plain"], default="insightface",
+                   help="insightface: header, image and identity records (what InsightFace reads); "
+                        "plain: image records only (im2rec style)")
     shards = p.add_mutually_exclusive_group()
-    shards.add_argument("--num-shards", type=int, default=None, help="number of shard files")
+    shards.add_argument("--num-shards", type=int, default=None, help="number of shard files (default: 1)")
     shards.add_argument("--shard-size", type=int, default=None, help="images per shard (approximate)")
     p.add_argument("--workers", type=int, default=1, help="encoder processes")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
@@ -527,53 +536,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--skip-bad", action="store_true", help="skip bad inputs and report them all at the end")
     p.add_argument("--resume", action="store_true", help="continue an interrupted pack")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at OUTPUT_PREFIX")
-    p.add_argument("--list-format", choices=["auto", "im2rec", "align"], default="auto")
-    p.add_argument("--root", default=None, help="folder .lst paths are relative to (default: its folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at the output prefix")
+    p.add_argument("--list-format", choices=["auto", "im2rec", "align"], default="auto",
+                   help="how to read a .lst source: im2rec (index, label(s), path), align (InsightFace "
+                        "alignment list) or auto (guess from the first lines)")
+    p.add_argument("--root", default=None, help="folder .lst paths are relative to (default: the list's "
+                                                "folder)")
     p.add_argument("--landmark-order", choices=["x5y5", "xy"], default="x5y5",
                    help="alignment .lst landmark order: x1..x5 y1..y5 (InsightFace) or x1 y1 x2 y2 ...")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_quiet("no progress bar")
     p.set_defaults(func=_cmd_pack)
 
-    p = commands.add_parser("info", help="records, images, classes, shards, size, images per identity")
-    p.add_argument("dataset")
+    p = commands.add_parser("info", help="records, images, classes, shards, size, images per identity",
+                            epilog=EXIT_STATUS_HELP)
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("--shards", action="store_true", help="one line per shard")
     p.set_defaults(func=_cmd_info)
 
-    p = commands.add_parser("verify", help="check every record; non-zero exit on any problem")
-    p.add_argument("dataset")
+    p = commands.add_parser("verify", help="check every record; exit status 1 on any problem",
+                            epilog="exit status: 0 no problem found; 1 problems found (listed on stdout); "
+                                   "2 bad arguments or no dataset at the path; 130 interrupted")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("--no-images", action="store_true", help="skip decoding the images")
     p.add_argument("--max-problems", type=int, default=200, help="print at most this many problems")
-    p.add_argument("--quiet", action="store_true")
+    p.add_quiet("no progress bar")
     p.set_defaults(func=_cmd_verify)
 
-    p = commands.add_parser("reindex", help="rebuild a lost or damaged .idx by scanning the .rec")
-    p.add_argument("rec")
-    p.add_argument("--idx", default=None, help="output index (default: beside the .rec)")
+    p = commands.add_parser("reindex", help="rebuild a lost or damaged .idx by scanning the .rec",
+                            epilog="exit status: 0 index written; 1 index written without damaged records "
+                                   "(listed); 2 bad arguments or input file; 130 interrupted")
+    p.add_argument("rec", help="the .rec file (or its prefix, or a folder holding train.rec)")
+    p.add_output("index to write (default: the .rec's name with .idx, beside it)", dest="idx",
+                 required=False, metavar="IDX", old_options=["--idx"])
     p.add_argument("--keys", choices=["id", "sequential"], default="id",
                    help="keys from IRHeader.id (MXNet/InsightFace convention) or record order")
     p.set_defaults(func=_cmd_reindex)
 
-    p = commands.add_parser("unpack", help="records -> image files and/or a contact sheet PNG")
-    p.add_argument("dataset")
-    p.add_argument("--out", default=None, help="write images to OUT/<label>/<index>.jpg (stored bytes)")
-    p.add_argument("--contact-sheet", default=None, help="PNG grid of faces labelled by identity")
-    p.add_argument("--indices", default=None, help="e.g. 0:100,250 (global image indices)")
-    p.add_argument("--classes", default=None, help="comma-separated identity labels")
-    p.add_argument("--per-class", type=int, default=0, help="at most this many images per identity")
-    p.add_argument("--limit", type=int, default=0, help="at most this many images")
-    p.add_argument("--columns", type=int, default=8)
-    p.add_argument("--max-tiles", type=int, default=256, help="faces on the contact sheet")
+    p = commands.add_parser("unpack", help="records -> image files and/or a contact sheet PNG",
+                            epilog=EXIT_STATUS_HELP)
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_output("write the images to OUTPUT/<label>/<index>.jpg (stored bytes, not re-encoded)", dest="out",
+                 required=False, metavar="DIR", old_options=["--out"])
+    p.add_argument("--contact-sheet", default=None, metavar="PNG",
+                   help="also draw a PNG grid of the faces, captioned with their identity")
+    p.add_argument("--indices", default=None, help="global image indices, e.g. 0:100,250 (default: all)")
+    p.add_argument("--classes", default=None, help="only these comma-separated identity labels")
+    p.add_argument("--per-class", type=int, default=0, help="at most this many images per identity (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
+    p.add_argument("--columns", type=int, default=8, help="faces per row of the contact sheet")
+    p.add_argument("--max-tiles", type=int, default=256, help="at most this many faces on the contact sheet")
     p.set_defaults(func=_cmd_unpack)
 
-    p = commands.add_parser("bin", help="pairs file + images -> verification pack (.bin)")
+    p = commands.add_parser("bin", help="pairs file + images -> verification pack (.bin)",
+                            epilog=EXIT_STATUS_HELP)
     p.add_argument("pairs", help="LFW pairs.txt or lines 'path1 path2 same(1/0)'")
-    p.add_argument("output", help="output .bin")
+    p.add_deprecated_positional("legacy_output", "OUTPUT", "output", "-o/--output")
+    p.add_output("the verification pack to write (.bin)", metavar="BIN")
     p.add_argument("--root", default=None, help="image folder (default: the pairs file's folder)")
-    p.add_argument("--pairs-format", choices=["auto", "lfw", "list"], default="auto")
+    p.add_argument("--pairs-format", choices=["auto", "lfw", "list"], default="auto",
+                   help="lfw: LFW pairs.txt ('name n1 n2' / 'name1 n1 name2 n2'); list: 'path1 path2 1|0' "
+                        "lines; auto: decided per line")
     p.add_argument("--lfw-ext", default=".jpg", help="image extension for LFW-style names")
     p.add_argument("--image-size", type=int, default=112, help="resize images to this square (0: keep)")
-    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of resized images")
     p.set_defaults(func=_cmd_bin)
 
     synth.add_cli(commands)
@@ -581,22 +606,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pack_rec`` console script; returns the exit status."""
+    """Entry point of the ``pack_rec`` console script; returns the exit status (see :mod:`.cli_style`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except RecordIOError as error:
+    except (RecordIOError, ValueError) as error:  # bad input data or option values
         print(f"pack_rec {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (rerun with --resume to continue)" if args.command == "pack" else ""
         print(f"pack_rec {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as error:
         print(f"pack_rec {args.command}: error: {display_path(error.filename or '')}: "
               f"{error.strerror or error}", file=sys.stderr)
-        return 1
+        return os_error_status(error)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from .align import ARCFACE_TEMPLATE_112
+from .cli_style import EXIT_STATUS_HELP, Parser
 
 __all__ = ["GENERATOR_VERSION", "IMAGE_SIZE", "IdentityTraits", "SynthSummary", "add_cli", "generate_folder",
            "identity_name", "identity_traits", "image_name", "main", "render_identity_image",
@@ -557,9 +558,10 @@ def generate_folder(out_dir: str | os.PathLike, identities: int, images_per_iden
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+            raise FileExistsError(f"{out}: exists and is not a folder; choose another -o/--output")
         if any(out.iterdir()):
-            raise FileExistsError(f"{out}: folder exists and is not empty; choose another --out or remove it")
+            raise FileExistsError(f"{out}: folder exists and is not empty; choose another -o/--output or "
+                                  "remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -748,12 +750,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the ``synth`` subcommand on ``pack_rec``'s subparsers (``func(args) -> exit code``)."""
+    """Register the ``synth`` subcommand on subparsers made with ``parser_class=cli_style.Parser``
+    (``func(args) -> exit code``)."""
     p = subparsers.add_parser("synth", help="generate synthetic face identities as an image folder",
                               description="Generate face-like 112x112 JPEGs as "
-                                          "OUT/id_NNNNNN/id_NNNNNN_NNNN.jpg.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+                                          "OUT/id_NNNNNN/id_NNNNNN_NNNN.jpg.", epilog=EXIT_STATUS_HELP)
+    p.add_output("output folder (must not exist or be empty)", dest="out", metavar="OUT",
+                 old_options=["--out"])
     p.add_argument("--identities", type=int, required=True, help="number of identities")
     p.add_argument("--images-per-identity", type=int, required=True, help="images per identity")
     p.add_argument("--seed", type=int, default=0, help="generator seed (traits and nuisances)")
@@ -764,15 +767,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pairs-format", choices=["list", "lfw"], default="list",
                    help="'path1 path2 1|0' lines, or LFW pairs.txt (10 folds; --pairs a multiple of 20)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_quiet("no progress bar")
     p.set_defaults(func=_cmd_synth)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m recordio_tools.synth --out DIR ...`` (same options as ``pack_rec synth``)."""
-    parser = argparse.ArgumentParser(prog="synth")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    """``python -m recordio_tools.synth -o DIR ...`` (same options as ``pack_rec synth``)."""
+    parser = Parser(prog="synth")
+    add_cli(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     args = parser.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 

@@ -84,10 +84,10 @@ def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
 
 def test_folder_with_checkpoint_and_onnx_gives_the_same_vectors(models, faces, tmp_path):
     checkpoint, onnx_path = models
-    assert embed.main([str(checkpoint), str(faces), "-o", str(tmp_path / "ckpt.npy"), "--batch-size", "4",
-                       "-q"]) == 0
-    assert embed.main([str(onnx_path), str(faces), "-o", str(tmp_path / "onnx"), "--batch-size", "4",
-                       "-q"]) == 0
+    assert embed.main(["--model", str(checkpoint), str(faces), "-o", str(tmp_path / "ckpt.npy"),
+                       "--batch-size", "4", "-q"]) == 0
+    assert embed.main(["--model", str(onnx_path), str(faces), "-o", str(tmp_path / "onnx"),
+                       "--batch-size", "4", "-q"]) == 0
     names = (tmp_path / "ckpt.index.txt").read_text().splitlines()
     assert names == [f"id{i}/{j}.png" for i in range(2) for j in range(3)]
     assert (tmp_path / "onnx.index.txt").read_text().splitlines() == names
@@ -106,12 +106,12 @@ def test_list_file_order_flip_sum_and_normalize(models, faces, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("# chosen faces\n" + "".join(f"{name}\t7\n" for name in order))
     out = tmp_path / "emb.npy"
-    assert embed.main([str(onnx_path), str(listing), "--root", str(faces), "-o", str(out), "--flip-sum",
-                       "-q"]) == 0
+    assert embed.main(["--model", str(onnx_path), str(listing), "--root", str(faces), "-o", str(out),
+                       "--flip-sum", "-q"]) == 0
     assert (tmp_path / "emb.index.txt").read_text().splitlines() == order
     assert_close(np.load(out), reference_embeddings(checkpoint, [faces / n for n in order], flip_sum=True))
-    assert embed.main([str(checkpoint), str(listing), "--root", str(faces), "-o", str(out), "--normalize",
-                       "--overwrite", "-q"]) == 0
+    assert embed.main(["--model", str(checkpoint), str(listing), "--root", str(faces), "-o", str(out),
+                       "--normalize", "--overwrite", "-q"]) == 0
     normalised = np.load(out)
     np.testing.assert_allclose(np.linalg.norm(normalised, axis=1), 1.0, rtol=1e-5)
     reference = reference_embeddings(checkpoint, [faces / n for n in order])
@@ -144,9 +144,9 @@ def test_align_landmarks_uses_the_shared_aligner(models, tmp_path):
         cv2.imwrite(str(aligned / f"p{identity}.png"), align_face(photo, written))
     landmark_file = tmp_path / "landmarks.txt"
     landmark_file.write_text("\n".join(lines) + "\n")
-    assert embed.main([str(onnx_path), str(photos), "-o", str(tmp_path / "a.npy"), "--align-landmarks",
-                       str(landmark_file), "-q"]) == 0
-    assert embed.main([str(onnx_path), str(aligned), "-o", str(tmp_path / "b.npy"), "-q"]) == 0
+    assert embed.main(["--model", str(onnx_path), str(photos), "-o", str(tmp_path / "a.npy"),
+                       "--align-landmarks", str(landmark_file), "-q"]) == 0
+    assert embed.main(["--model", str(onnx_path), str(aligned), "-o", str(tmp_path / "b.npy"), "-q"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     # Alignment recovers the face: the aligned photo is close to the original aligned render.
     original = render_identity_sample(0, 0, seed=5)[0].astype(np.float32)
@@ -166,17 +166,17 @@ def test_align_landmarks_uses_the_shared_aligner(models, tmp_path):
 def test_bad_inputs_fail_clearly_and_write_nothing(models, faces, tmp_path, capsys, case, message):
     checkpoint, onnx_path = models
     out = tmp_path / "out.npy"
-    args = [str(onnx_path), str(faces), "-o", str(out), "-q"]
+    args = ["--model", str(onnx_path), str(faces), "-o", str(out), "-q"]
     if case == "exists":
         out.write_bytes(b"keep me")
     elif case == "corrupt":
         (faces / "id0" / "1.png").write_bytes(b"\x89PNG broken")
     elif case == "empty":
         (tmp_path / "empty").mkdir()
-        args[1] = str(tmp_path / "empty")
+        args[2] = str(tmp_path / "empty")
     elif case == "missing_in_list":
         (faces / "list.txt").write_text("id0/0.png\nnope.png\n")
-        args[1] = str(faces / "list.txt")
+        args[2] = str(faces / "list.txt")
     elif case == "bad_landmarks":
         (tmp_path / "landmarks.txt").write_text("id0/0.png 1 2 3\n")
         args += ["--align-landmarks", str(tmp_path / "landmarks.txt")]
@@ -184,7 +184,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(models, faces, tmp_path, caps
         (tmp_path / "landmarks.txt").write_text("id0/0.png " + " ".join(["50"] * 10) + "\n")
         args += ["--align-landmarks", str(tmp_path / "landmarks.txt")]
     else:
-        args[0] = str(tmp_path / "no_checkpoint_here")
+        args[1] = str(tmp_path / "no_checkpoint_here")
     assert embed.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -309,9 +309,9 @@ def test_cli_exports_with_card_latency_and_insightface_style_input(tiny, tmp_pat
     checkpoint = make_checkpoint(tmp_path, tiny, 32)
     pack = _pack(tmp_path / "synthpairs.bin")
     out = tmp_path / "deploy"
-    code = export.main([str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1,4", "--latency-runs", "1",
-                        "--latency-batch-sizes", "1,2", "--eval-pack", str(pack), "--eval-batch-size", "5",
-                        "-q"])
+    code = export.main(["--model", str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1,4",
+                        "--latency-runs", "1", "--latency-batch-sizes", "1,2", "--eval-pack", str(pack),
+                        "--eval-batch-size", "5", "-q"])
     assert code == 0, capsys.readouterr().err
     card = json.loads((out / "model.json").read_text())
     assert [r["batch"] for r in card["latency"]["rows"]] == [1, 2]
@@ -364,7 +364,8 @@ def test_existing_output_refused_unless_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"the user's model")
-    args = [str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1", "--latency-runs", "0", "-q"]
+    args = ["--model", str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1", "--latency-runs", "0",
+            "-q"]
     assert export.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "model.onnx").read_bytes() == b"the user's model"
@@ -402,7 +403,7 @@ def test_bad_checkpoints_fail_clearly(tiny, tmp_path, capsys, case, message):
     else:
         _edit_meta(checkpoint, lambda m: m["preprocess"].update(mean=0.0))
     out = tmp_path / "out"
-    assert export.main([str(checkpoint), "-o", str(out), "-q"]) == 2
+    assert export.main(["--model", str(checkpoint), "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (out / "model.onnx").exists()
@@ -447,7 +448,7 @@ def test_export_failure_is_clear_and_leaves_no_model(tmp_path, monkeypatch, caps
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert export.main([str(checkpoint), "-o", str(out), "-q"]) == 2
+        assert export.main(["--model", str(checkpoint), "-o", str(out), "-q"]) == 1  # fails while running
     err = capsys.readouterr().err
     assert "torchscript exporter failed" in err and "svdvals" in err
     assert not (out / "model.onnx").exists() and not (out / "model.json").exists()
@@ -456,7 +457,8 @@ def test_export_failure_is_clear_and_leaves_no_model(tmp_path, monkeypatch, caps
 def test_parity_failure_exits_nonzero_and_keeps_rejected_graph_only_on_request(tmp_path, monkeypatch, capsys):
     checkpoint = _checkpoint_for(tmp_path, monkeypatch, "drifting", _DriftsInExport, 8)
     out = tmp_path / "out"
-    args = [str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1,4", "--latency-runs", "0", "-q"]
+    args = ["--model", str(checkpoint), "-o", str(out), "--parity-batch-sizes", "1,4", "--latency-runs", "0",
+            "-q"]
     assert export.main(args) == 1
     err = capsys.readouterr().err
     assert "parity check FAILED" in err and "random_b4" in err
@@ -528,7 +530,7 @@ def test_options_validate_with_the_key_named():
     with pytest.raises(ValueError, match="parity_batch_sizes"):
         export.ExportOptions(parity_batch_sizes=(0,))
     with pytest.raises(SystemExit):
-        export.main(["ckpt", "-o", "out", "--parity-batch-sizes", "a,b"])
+        export.main(["--model", "ckpt", "-o", "out", "--parity-batch-sizes", "a,b"])
 
 
 def test_parity_report_applies_both_tolerances():

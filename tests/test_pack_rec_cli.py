@@ -50,7 +50,7 @@ def _read_back(prefix):
                                                      ("plain", 2, 1)])
 def test_pack_verify_read_back_pixels_and_labels(tmp_path, layout, shards, workers, capsys):
     written = make_folder(tmp_path / "src", [3, 5, 1, 4, 2])
-    args = ["pack", str(tmp_path / "src"), str(tmp_path / "out" / "train"), "--layout", layout,
+    args = ["pack", str(tmp_path / "src"), "-o", str(tmp_path / "out" / "train"), "--layout", layout,
             "--num-shards", str(shards), "--workers", str(workers), "--format", ".png", "--quiet"]
     if layout == "plain":
         args += ["--shuffle", "--seed", "3"]
@@ -104,7 +104,7 @@ def _run_pack(tmp_path, extra, kill_after=None, timeout=120):
     if kill_after is not None:
         env["PACK_REC_TEST_KILL_AFTER"] = str(kill_after)
     command = [sys.executable, "-m", "recordio_tools.cli", "pack", str(tmp_path / "src"),
-               str(tmp_path / "out" / "train"), "--format", ".png", "--quiet", *extra]
+               "-o", str(tmp_path / "out" / "train"), "--format", ".png", "--quiet", *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -120,7 +120,7 @@ def test_resume_after_killed_pack(tmp_path, kill_after, extra):
     assert not (out / "train.manifest.json").exists()
     assert (out / "train.pack-journal.json").exists()
     refused = _run_pack(tmp_path, extra)
-    assert refused.returncode == 1 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     resumed = _run_pack(tmp_path, [*extra, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert pack_rec(["verify", "--quiet", str(out / "train")]) == 0
@@ -138,12 +138,12 @@ def test_bad_inputs_reported_and_skipped(tmp_path, capsys):
     (src / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
     (src / "zoë").mkdir()
     cv2.imencode(".png", _image(9, 9))[1].tofile(str(src / "zoë" / "émile.png"))
-    assert pack_rec(["pack", str(src), str(tmp_path / "o" / "train"), "--quiet"]) == 1
+    assert pack_rec(["pack", str(src), "-o", str(tmp_path / "o" / "train"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "empty identity folder" in err and "notes.txt" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "train.manifest.json").exists()
     # scanning problems skipped, then the undecodable image stops the pack (named) ...
-    assert pack_rec(["pack", str(src), str(tmp_path / "o" / "train"), "--quiet", "--skip-bad",
+    assert pack_rec(["pack", str(src), "-o", str(tmp_path / "o" / "train"), "--quiet", "--skip-bad",
                      "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "skipped 3 bad input(s)" in out and "broken.jpg" in out and "does not decode" in out
@@ -157,17 +157,17 @@ def test_bad_inputs_reported_and_skipped(tmp_path, capsys):
 
 
 def test_unreadable_and_missing_paths(tmp_path, capsys):
-    assert pack_rec(["pack", str(tmp_path / "missing"), str(tmp_path / "o" / "t"), "--quiet"]) == 1
+    assert pack_rec(["pack", str(tmp_path / "missing"), "-o", str(tmp_path / "o" / "t"), "--quiet"]) == 2
     assert "source not found" in capsys.readouterr().err
     lst = tmp_path / "a.lst"
     lst.write_text("0\t0\tnope.png\n1\tx\tother.png\n")
-    assert pack_rec(["pack", str(lst), str(tmp_path / "o" / "t"), "--quiet", "--list-format", "im2rec"]) == 1
+    assert pack_rec(["pack", str(lst), "-o", str(tmp_path / "o" / "t"), "-q", "--list-format", "im2rec"]) == 2
     err = capsys.readouterr().err
     assert "a.lst line 2" in err and "not a number" in err
     lst.write_text("0\t0\tnope.png\n")
     with pytest.raises(PackError, match="nope.png.*unreadable image file"):
         pack(lst, tmp_path / "o" / "t", PackOptions(progress=False))
-    assert pack_rec(["info", str(tmp_path / "nothing")]) == 1
+    assert pack_rec(["info", str(tmp_path / "nothing")]) == 2
     assert "no dataset here" in capsys.readouterr().err
 
 
@@ -183,7 +183,7 @@ def test_unpack_and_contact_sheet(tmp_path, capsys):
     make_folder(tmp_path / "src", [3, 2, 2])
     pack(tmp_path / "src", tmp_path / "o" / "train", PackOptions(img_fmt=".png", progress=False))
     sheet = tmp_path / "sheet.png"
-    assert pack_rec(["unpack", str(tmp_path / "o"), "--out", str(tmp_path / "u"), "--classes", "0,2",
+    assert pack_rec(["unpack", str(tmp_path / "o"), "-o", str(tmp_path / "u"), "--classes", "0,2",
                      "--contact-sheet", str(sheet), "--columns", "3"]) == 0
     files = sorted((tmp_path / "u").rglob("*.png"))
     assert [f.parent.name for f in files] == ["0", "0", "0", "2", "2"]
@@ -197,7 +197,7 @@ def test_bin_from_pairs(tmp_path):
     make_folder(tmp_path / "imgs", [2, 2], ext=".jpg", size=112)
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("id_000/00.jpg id_000/01.jpg 1\nid_000/00.jpg id_001/00.jpg 0\n")
-    assert pack_rec(["bin", str(pairs), str(tmp_path / "p.bin"), "--root", str(tmp_path / "imgs")]) == 0
+    assert pack_rec(["bin", str(pairs), "-o", str(tmp_path / "p.bin"), "--root", str(tmp_path / "imgs")]) == 0
     bins, issame = load_bin(tmp_path / "p.bin")
     assert issame == [True, False] and bins[0] == (tmp_path / "imgs" / "id_000" / "00.jpg").read_bytes()
     # LFW pairs.txt style: header, "name n1 n2" same, "name1 n1 name2 n2" different; resized to 112
@@ -207,13 +207,13 @@ def test_bin_from_pairs(tmp_path):
         for number in (1, 2):
             cv2.imwrite(str(lfw / name / f"{name}_{number:04d}.jpg"), _image(number, len(name), 64))
     (tmp_path / "lfw_pairs.txt").write_text("1\t2\nAnn_Lee\t1\t2\nAnn_Lee\t1\tBo\t2\n")
-    assert pack_rec(["bin", str(tmp_path / "lfw_pairs.txt"), str(tmp_path / "l.bin"),
+    assert pack_rec(["bin", str(tmp_path / "lfw_pairs.txt"), "-o", str(tmp_path / "l.bin"),
                      "--root", str(lfw)]) == 0
     bins, issame = load_bin(tmp_path / "l.bin")
     assert issame == [True, False] and len(bins) == 4
     assert cv2.imdecode(np.frombuffer(bins[3], np.uint8), 1).shape == (112, 112, 3)
     (tmp_path / "bad.txt").write_text("a.jpg b.jpg maybe\n")
-    assert pack_rec(["bin", str(tmp_path / "bad.txt"), str(tmp_path / "x.bin")]) == 1
+    assert pack_rec(["bin", str(tmp_path / "bad.txt"), "-o", str(tmp_path / "x.bin")]) == 2
 
 
 def test_alignment_list(tmp_path):

@@ -183,7 +183,7 @@ def test_pairs_errors(tmp_path):
 
 def test_pack_rec_synth_cli_end_to_end(tmp_path, capsys):
     out, pairs_file = tmp_path / "faces", tmp_path / "pairs.txt"
-    code = pack_rec_main(["synth", "--out", str(out), "--identities", "4", "--images-per-identity", "3",
+    code = pack_rec_main(["synth", "-o", str(out), "--identities", "4", "--images-per-identity", "3",
                           "--seed", "1", "--first-identity", "50", "--pairs", "10", "--pairs-file",
                           str(pairs_file), "--quiet"])
     assert code == 0
@@ -196,13 +196,13 @@ def test_pack_rec_synth_cli_end_to_end(tmp_path, capsys):
     source = scan_folder(out)
     assert source.num_classes == 4 and len(source.items) == 12 and not source.problems
     # Errors: a clear message and a non-zero exit, no traceback.
-    assert pack_rec_main(["synth", "--out", str(out), "--identities", "4", "--images-per-identity", "3",
+    assert pack_rec_main(["synth", "-o", str(out), "--identities", "4", "--images-per-identity", "3",
                           "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert pack_rec_main(["synth", "--out", str(tmp_path / "b"), "--identities", "0",
+    assert pack_rec_main(["synth", "-o", str(tmp_path / "b"), "--identities", "0",
                           "--images-per-identity", "3", "--quiet"]) == 2
     assert "identities" in capsys.readouterr().err
-    assert pack_rec_main(["synth", "--out", str(tmp_path / "c"), "--identities", "2",
+    assert pack_rec_main(["synth", "-o", str(tmp_path / "c"), "--identities", "2",
                           "--images-per-identity", "2", "--pairs-file", str(tmp_path / "p.txt"),
                           "--quiet"]) == 2
     assert not (tmp_path / "c").exists()
