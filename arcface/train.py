@@ -445,7 +445,7 @@ def _next_commands(cfg: TrainConfig, output_dir: Path) -> str:
     """What a user does with a finished run: evaluate and export it."""
     packs = " ".join(f"--bin {pack}" for pack in cfg.eval.bins) or "--bin lfw.bin --bin cfp_fp.bin"
     return (f"next:\n  arcface-eval --model {output_dir} {packs} --output {output_dir / 'eval'}\n"
-            f"  arcface-export {output_dir} --output {output_dir / 'export'}")
+            f"  arcface-export --model {output_dir} --output {output_dir / 'export'}")
 
 
 def _build_loader(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> Any:
@@ -480,7 +480,8 @@ def _record_verification(cfg: TrainConfig, results: dict[str, Any], state: Train
         return
     mean_accuracy = sum(r.accuracy_mean for r in results.values()) / len(results)
     logger.scalars(state.step, {"verify/mean_accuracy": mean_accuracy})
-    if state.best and mean_accuracy <= state.best.get("value", -math.inf):
+    # A collapsed model (every pair at the same distance) scores chance with zero spread: never "best".
+    if any(r.collapsed for r in results.values()) or mean_accuracy <= state.best.get("value", -math.inf):
         return
     state.best = {"metric": "mean_accuracy", "value": mean_accuracy, "step": state.step,
                   "accuracies": {name: r.accuracy_mean for name, r in results.items()}}

@@ -101,7 +101,7 @@ def test_quiet_run_prints_nothing_and_a_finished_run_names_the_next_commands(
     assert main(["cpu_synthetic", f"output.dir={out}", *small]) == 0
     printed = capsys.readouterr().out
     assert "set apart from the defaults: data.num_classes=64" in printed
-    assert f"arcface-eval --model {out} " in printed and f"arcface-export {out} --output" in printed
+    assert f"arcface-eval --model {out} " in printed and f"arcface-export --model {out} --output" in printed
 
 
 @pytest.mark.slow

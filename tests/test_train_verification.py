@@ -103,3 +103,38 @@ def test_short_run_verifies_held_out_identities(tmp_path: Path) -> None:
     assert (out / "best" / "backbone.pt").is_file() and (out / "best" / "meta.json").is_file()
     log = (out / "train.log").read_text()
     assert "verification" in log and "new best mean verification accuracy" in log
+
+
+
+
+class _QuietLogger:
+    def info(self, *args, **kwargs) -> None:
+        pass
+
+    def scalars(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_collapsed_model_is_never_saved_as_best(tmp_path: Path) -> None:
+    """A model whose embeddings are all equal scores "50.00 +- 0.00%": reported, never kept as the best."""
+    from arcface import train
+    from arcface.train_state import TrainingState
+    from eval.verification import evaluate_embeddings
+
+    cfg = make_cfg(tmp_path, 4)
+    issame = np.arange(40) % 2 == 0
+    collapsed = evaluate_embeddings("heldout", np.ones((80, 16)), issame)
+    assert collapsed.collapsed
+    state = TrainingState(step=3)
+    train._record_verification(cfg, {"heldout": collapsed}, state, TinyNet(16), _QuietLogger(), tmp_path)
+    assert state.best == {} and not (tmp_path / train.BEST_DIR).exists()
+    # The first real result afterwards becomes the best.
+    rng = np.random.default_rng(0)
+    identities = rng.normal(size=(40, 16))
+    embeddings = np.repeat(identities, 2, axis=0) + 0.1 * rng.normal(size=(80, 16))
+    embeddings[3::4] = rng.normal(size=(20, 16))  # the second face of each "different" pair: someone else
+    healthy = evaluate_embeddings("heldout", embeddings, issame)
+    assert not healthy.collapsed
+    state.step = 6
+    train._record_verification(cfg, {"heldout": healthy}, state, TinyNet(16), _QuietLogger(), tmp_path)
+    assert state.best["step"] == 6 and (tmp_path / train.BEST_DIR / "meta.json").is_file()
