@@ -147,7 +147,7 @@ def embed_images(embedder, items: Sequence[tuple[str, Path]], out: np.ndarray, b
                  progress: bool = True) -> np.ndarray:
     """Embed ``items`` (from :func:`list_images`) into the preallocated ``out`` ``[N, D]``, batch by batch
     (at most one batch of decoded images in memory); rows follow ``items``."""
-    from tqdm import tqdm
+    from recordio_tools.progress import progress_bar
 
     if landmarks is not None:
         missing = [name for name, _ in items if name not in landmarks]
@@ -155,7 +155,7 @@ def embed_images(embedder, items: Sequence[tuple[str, Path]], out: np.ndarray, b
             raise EmbedError(f"no landmarks for {len(missing)} image(s), e.g. {missing[:3]} (every image "
                              "needs a line in the --align-landmarks file)")
     row = 0
-    bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(items), unit="img", desc="embedding", disable=not progress)
     with bar:
         for batch in _batches(items, batch_size):
             faces = np.stack([load_face(path, landmarks[name] if landmarks is not None else None)

@@ -588,12 +588,13 @@ def parity_report(torch_model, run_onnx, inputs: dict[str, np.ndarray], min_cosi
     tolerances.
     """
     import torch
-    from tqdm import tqdm
+
+    from recordio_tools.progress import progress_bar
 
     rows = []
     torch_model.eval()
     total = sum(int(batch.shape[0]) for batch in inputs.values())
-    bar = tqdm(total=total, desc="parity", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc="parity", unit="img", disable=not progress)
     for name, batch in inputs.items():
         with torch.inference_mode():
             expected = torch_model(torch.from_numpy(batch)).float().numpy()
@@ -680,17 +681,17 @@ def model_card(onnx_path: str | os.PathLike[str], pack_path: str | os.PathLike[s
     ``flip_sum`` (image + mirror summed, the evaluation protocol). A target FAR below 1 / (number of
     impostor pairs) cannot be measured on the pack: its entry says ``resolvable: false``.
     """
-    from tqdm import tqdm
-
     from arcface import preprocess
     from eval import metrics
     from eval.embedder import OnnxEmbedder, iter_batches
     from eval.verification import evaluate_embeddings, load_pack
+    from recordio_tools.progress import progress_bar
 
     pack = load_pack(pack_path)
     embedder = OnnxEmbedder(onnx_path, batch_size=batch_size, flip=False)
     single, mirrored = [], []
-    bar = tqdm(total=pack.num_images, desc=f"model card: {pack.name}", unit="img", disable=not progress)
+    bar = progress_bar(total=pack.num_images, desc=f"model card: {pack.name}", unit="img",
+                       disable=not progress)
     start_index = 0
     for batch in iter_batches(pack.iter_encoded(), batch_size):
         images = np.stack([

@@ -120,14 +120,13 @@ def _bind_feature_folder(feature_root: Path, manifest: dict) -> None:
 def _embed_folder(embedder, root: Path, names: list[str], feature_root: Path, suffix: str,
                   batch_size: int, fingerprint: dict, progress: bool = True) -> None:
     """Embed aligned images into devkit files, skipping images whose feature file exists (resume)."""
-    from tqdm import tqdm
-
     from eval import megaface
     from eval.embedder import embed_encoded
+    from recordio_tools.progress import progress_bar
 
     _bind_feature_folder(feature_root, {**fingerprint, "images": str(root.resolve()), "suffix": suffix})
     todo = [n for n in names if not megaface.feature_path(feature_root, n, suffix).is_file()]
-    with tqdm(total=len(todo), desc=f"embed {root.name}", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc=f"embed {root.name}", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), 4096):
             block = todo[start:start + 4096]
             features = embed_encoded(embedder, ((root / n).read_bytes() for n in block), batch_size,

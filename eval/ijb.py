@@ -172,7 +172,7 @@ def embed_ijb(embedder: Embedder, release: IJBRelease, cache_dir: str | os.PathL
     several ranks sharing ``cache_dir``, rank ``r`` computes chunks ``r, r+W, ...``; every rank then
     waits at a barrier and reads the complete cache.
     """
-    from tqdm import tqdm
+    from recordio_tools.progress import progress_bar
 
     num_chunks = (release.num_images + chunk_size - 1) // chunk_size
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -193,7 +193,8 @@ def embed_ijb(embedder: Embedder, release: IJBRelease, cache_dir: str | os.PathL
     mine = [i for i in range(num_chunks) if i % world_size == rank]
     todo = [i for i in mine if cache is None or not (cache / f"chunk_{i:06d}.npy").is_file()]
     images_todo = sum(min(chunk_size, release.num_images - i * chunk_size) for i in todo)
-    bar = tqdm(total=images_todo, desc=f"embed {release.name}", unit="img", disable=not progress or rank != 0)
+    bar = progress_bar(total=images_todo, desc=f"embed {release.name}", unit="img",
+                       disable=not progress or rank != 0)
     for chunk in todo:
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, release.num_images)
         parts = []

@@ -99,7 +99,7 @@ def read_feature_folder(root: str | os.PathLike[str], image_names: Sequence[str]
                         dtype: np.dtype | str = np.float32, out: np.ndarray | None = None,
                         progress: bool = False) -> np.ndarray:
     """Read the devkit files of ``image_names`` into ``[N, D]`` (``out`` may be a memmap; fp16 halves it)."""
-    from tqdm import tqdm
+    from recordio_tools.progress import progress_bar
 
     names = list(image_names)
     if not names:
@@ -109,8 +109,8 @@ def read_feature_folder(root: str | os.PathLike[str], image_names: Sequence[str]
         out = np.empty((len(names), first.size), dtype=dtype)
     elif out.shape != (len(names), first.size):
         raise ValueError(f"output array shape {out.shape} != {(len(names), first.size)}")
-    for index, name in enumerate(tqdm(names, desc=f"read {Path(root).name}", unit="file",
-                                      disable=not progress)):
+    for index, name in enumerate(progress_bar(names, desc=f"read {Path(root).name}", unit="file",
+                                              disable=not progress)):
         vector = first if index == 0 else read_feature(feature_path(root, name, suffix))
         if vector.size != first.size:
             raise ValueError(f"{feature_path(root, name, suffix)}: {vector.size} values, the first file "
@@ -208,7 +208,7 @@ def search_distractors(probes: np.ndarray, distractors: np.ndarray, sizes: Seque
     the global top-``impostor_keep`` scores. ``valid`` marks distractors that may match (refined
     protocol); invalid ones are skipped but still count towards the prefix position.
     """
-    from tqdm import tqdm
+    from recordio_tools.progress import progress_bar
 
     device = torch.device(device)
     total = distractors.shape[0]
@@ -223,7 +223,8 @@ def search_distractors(probes: np.ndarray, distractors: np.ndarray, sizes: Seque
     impostor = torch.empty(0, device=device)
     floor = -float("inf")  # the last kept impostor score once the global list is full
     results: list[SearchResult] = []
-    bar = tqdm(total=sizes[-1], desc="distractor search", unit="img", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=sizes[-1], desc="distractor search", unit="img", unit_scale=True,
+                       disable=not progress)
     position = 0
     warm = False  # True once every probe has k scores and the impostor list is full
     for size in sizes:

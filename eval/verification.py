@@ -238,9 +238,9 @@ def evaluate_pack(embedder: Embedder, pack: VerificationPack, batch_size: int = 
     start, stop = _slice_bounds(pack.num_images, rank, world_size)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from recordio_tools.progress import progress_bar
 
-        bar = tqdm(total=stop - start, desc=f"embed {pack.name}", unit="img", disable=rank != 0)
+        bar = progress_bar(total=stop - start, desc=f"embed {pack.name}", unit="img", disable=rank != 0)
     try:
         local = embed_encoded(embedder, pack.iter_encoded(start, stop), batch_size=batch_size,
                               sources=(f"{pack.path} image {i}" for i in range(start, stop)), progress=bar)
