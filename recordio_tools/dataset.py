@@ -25,7 +25,7 @@ import numpy as np
 
 from .codec import IR_SIZE, IRHeader, unpack
 from .errors import RecordIOError
-from .reader import IndexedRecordReader, idx_path_for
+from .reader import IndexedRecordReader, check_recordio_magic, idx_path_for
 from .shards import MANIFEST_SUFFIX, Manifest, read_manifest
 
 _FLAG = struct.Struct("<I")
@@ -320,6 +320,10 @@ def resolve_dataset_path(path: str | os.PathLike) -> tuple[str, Path]:
     rec = path.with_name(path.name + ".rec")
     if rec.is_file():
         return "rec", rec
+    if path.is_file():
+        check_recordio_magic(path)  # says "not a RecordIO file" for an image, a text file, ...
+        raise RecordIOError("a RecordIO file without the .rec suffix: rename it to NAME.rec (its index "
+                            "NAME.idx beside it) or name it by its .rec path", text)
     raise RecordIOError("no dataset here: expected a .rec file, its prefix, a folder holding train.rec, "
                         "or a shard manifest (.json)", text)
 
