@@ -23,7 +23,7 @@ from .dataset import open_dataset, read_property, resolve_dataset_path
 from .errors import RecordIOError, format_location
 from .images import contact_sheet, display_path
 from .reader import IndexedRecordReader, check_recordio_magic, idx_path_for, next_magic, parse_index
-from .shards import file_sha256, read_manifest
+from .shards import file_sha256, incomplete_pack_error, journal_path, read_manifest
 from .verification_bin import write_bin
 
 
@@ -298,6 +298,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         raise RecordIOError(str(error)) from None
     kill_after = os.environ.get("PACK_REC_TEST_KILL_AFTER")
     result = pack(args.source, args.output_prefix, options, int(kill_after) if kill_after else None)
+    if result.already_complete:
+        print(f"nothing to resume: the pack is complete ({result.num_images} images of {result.num_classes} "
+              f"identities in {len(result.shards)} shard(s)); manifest {result.manifest}")
+        return 0
     print(f"packed {result.num_images} images of {result.num_classes} identities into {len(result.shards)} "
           f"shard(s); manifest {result.manifest}")
     if result.problems:
@@ -628,7 +632,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pack_rec {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = " (rerun with --resume to continue)" if args.command == "pack" else ""
+        hint = ""
+        if args.command == "pack":
+            journal = journal_path(Path(args.output_prefix))
+            hint = f": {incomplete_pack_error(journal)}" if journal.is_file() else \
+                " (rerun with --resume to continue)"
         print(f"pack_rec {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except OSError as error:

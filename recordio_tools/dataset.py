@@ -26,7 +26,7 @@ import numpy as np
 from .codec import IR_SIZE, IRHeader, unpack
 from .errors import RecordIOError
 from .reader import IndexedRecordReader, check_recordio_magic, idx_path_for
-from .shards import MANIFEST_SUFFIX, Manifest, read_manifest
+from .shards import MANIFEST_SUFFIX, Manifest, read_manifest, refuse_if_incomplete
 
 _FLAG = struct.Struct("<I")
 _SPOT_CHECKS = 64
@@ -291,8 +291,22 @@ def read_property(folder: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 def resolve_dataset_path(path: str | os.PathLike) -> tuple[str, Path]:
-    """``("manifest", json_path)`` or ``("rec", rec_path)`` for any accepted way to name a dataset."""
+    """``("manifest", json_path)`` or ``("rec", rec_path)`` for any accepted way to name a dataset.
+
+    A pack that ``pack_rec pack`` has not finished (its journal is beside it) is refused whichever way it
+    is named, with the command that finishes it: its finished shards alone are not the dataset.
+    """
     path = Path(path)
+    try:
+        kind, resolved = _resolve(path)
+    except RecordIOError:
+        refuse_if_incomplete(path)  # "incomplete pack", rather than "not found", while one is being written
+        raise
+    refuse_if_incomplete(resolved)
+    return kind, resolved
+
+
+def _resolve(path: Path) -> tuple[str, Path]:
     text = str(path)
     if text.endswith(".json"):
         if not path.is_file():

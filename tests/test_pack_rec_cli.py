@@ -112,7 +112,7 @@ def _run_pack(tmp_path, extra, kill_after=None, timeout=120):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after, extra", [(7, ["--num-shards", "3"]), (2, ["--layout", "plain"]),
                                                (9, ["--num-shards", "2", "--workers", "2"])])
-def test_resume_after_killed_pack(tmp_path, kill_after, extra):
+def test_resume_after_killed_pack(tmp_path, kill_after, extra, capsys):
     written = make_folder(tmp_path / "src", [4, 3, 5, 2])
     killed = _run_pack(tmp_path, extra, kill_after)
     assert killed.returncode == -9, killed.stderr
@@ -120,6 +120,12 @@ def test_resume_after_killed_pack(tmp_path, kill_after, extra):
     # nothing looks complete: no manifest, shards still under temporary names or closed-and-journaled
     assert not (out / "train.manifest.json").exists()
     assert (out / "train.pack-journal.json").exists()
+    # ... and nothing opens as a dataset: the message names the command that finishes the pack
+    for name in (out, out / "train", out / "train.manifest.json"):
+        for command in (["verify", "--quiet"], ["info"]):
+            assert pack_rec([*command, str(name)]) == 1
+            err = capsys.readouterr().err
+            assert "incomplete pack:" in err and f"{out / 'train'} " in err and "--resume`" in err, err
     refused = _run_pack(tmp_path, extra)
     assert refused.returncode == 1 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     resumed = _run_pack(tmp_path, [*extra, "--resume"])
