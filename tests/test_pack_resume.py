@@ -296,3 +296,41 @@ def test_resume_of_a_finished_pack_changes_nothing(source, tmp_path, capsys):
     assert pack_rec([*args, "--resume", "--quality", "80"]) == 1  # another pack: refused, not replaced
     assert "already exists" in capsys.readouterr().err
     assert _files(out) == before
+
+
+def test_resume_command_sets_every_option_it_was_started_with(tmp_path, monkeypatch):
+    """The command in the journal, parsed by `pack_rec`, gives back the same options (plus --resume), with
+    absolute paths: it can be pasted from any folder."""
+    started = PackOptions(layout="plain", shard_size=7, workers=3, quality=77, img_fmt=".png",
+                          resize=(96, 80), pass_through=True, shuffle=True, seed=11, skip_bad=True,
+                          list_format="im2rec", root="imgs", landmark_order="xy", progress=False)
+    monkeypatch.chdir(tmp_path)
+    command = pack_module.resume_command("faces.lst", "out/train", started)
+    seen = {}
+
+    def capture(source, prefix, options, _kill_after=None):
+        seen.update(source=source, prefix=prefix, options=options)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(pack_module, "pack", capture)
+    words = shlex.split(command)
+    assert words[:2] == ["pack_rec", "pack"]
+    assert pack_rec(words[1:]) == 130
+    assert seen["source"] == str(tmp_path / "faces.lst") and seen["prefix"] == str(tmp_path / "out" / "train")
+    expected = PackOptions(**{**vars(started), "root": str(tmp_path / "imgs"), "resume": True})
+    assert seen["options"] == expected
+
+
+def test_ctrl_c_prints_the_command_that_finishes_the_pack(source, tmp_path, capsys):
+    args = ["pack", str(source), str(tmp_path / "out" / "train"), "--num-shards", "3", "--format", ".png",
+            "--skip-bad", "--quiet"]
+    tracer = _LineTracer()
+    assert tracer.run(pack_rec, args)
+    shutil.rmtree(tmp_path / "out")
+    # Ctrl-C while the second shard is written: pack_rec catches it (exit 130) and says how to go on
+    assert _LineTracer(_after_first_commit(tracer.where) + 5).run(pack_rec, args)
+    err = capsys.readouterr().err
+    assert err.startswith("pack_rec pack: interrupted: ") and "incomplete pack: 1 of 3 shards; rerun `" in err
+    command = err.split("rerun `", 1)[1].split("`", 1)[0]
+    assert pack_rec(shlex.split(command)[1:]) == 0
+    assert pack_rec(["verify", "--quiet", str(tmp_path / "out")]) == 0
