@@ -329,7 +329,9 @@ def pack(source: str | os.PathLike, output_prefix: str | os.PathLike, options: P
                             "(same inputs and options are needed; or drop --resume and pass --overwrite)",
                             str(journal_file))
         if not options.resume and not options.overwrite:
-            raise PackError(f"an interrupted pack exists for this prefix: continue it with `{command}`, or "
+            # the command it was started with (this one may differ in more than --resume)
+            started = previous.get("command") or command
+            raise PackError(f"an interrupted pack exists for this prefix: continue it with `{started}`, or "
                             f"pass --overwrite to start again", str(journal_file))
     resuming = previous is not None and options.resume
     if resuming:
