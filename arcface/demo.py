@@ -181,8 +181,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     runner.run("verify every record of every shard", [*pack_rec, "verify", str(manifest)])
     runner.run("dataset summary", [*pack_rec, "info", str(manifest)])
     runner.run("verification pack of the held-out pairs", [
-        *pack_rec, "bin", str(data / "heldout_pairs.txt"), "-o", str(data / "heldout.bin"),
-        "--root", str(data / "faces_heldout")])
+        *pack_rec, "bin", str(data / "heldout_pairs.txt"), "-o", str(data / "heldout.bin")])
 
     train_cmd = [*torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "arcface.train",
                  str(DEMO_RECIPE), f"data.rec={manifest}", f"output.dir={run_dir}",

@@ -79,10 +79,12 @@ def speed_table(count: int) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------ learnability
-def _load(root: Path, pairs_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images (N, 112, 112, 3 RGB uint8) of the pairs, as two aligned arrays, and the issame labels."""
+def _load(pairs_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, 112, 112, 3 RGB uint8) of the pairs, as two aligned arrays, and the issame labels.
+    (``write_pairs`` writes paths relative to the pairs file's folder.)"""
     from arcface.preprocess import decode_rgb
 
+    root = pairs_file.parent
     first, second, issame = [], [], []
     for line in pairs_file.read_text().splitlines():
         path_a, path_b, same = line.split()
@@ -125,7 +127,7 @@ def learnability(train_ids: int, per_id: int, heldout_ids: int, pairs: int, trai
                               progress=False)
         synth.write_pairs(tmp / "pairs.txt", tmp / "heldout", range(100_000, 100_000 + heldout_ids), pairs,
                           seed=seed)
-        first, second, issame = _load(tmp / "heldout", tmp / "pairs.txt")
+        first, second, issame = _load(tmp / "pairs.txt")
         result["raw_pixel_cosine"] = _raw_pixel_accuracy(first, second, issame, center=False)
         result["raw_pixel_centered_cosine"] = _raw_pixel_accuracy(first, second, issame, center=True)
         images, labels = [], []

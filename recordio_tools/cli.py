@@ -25,8 +25,8 @@ from .codec import IR_SIZE, decode_image, encode_image, read_frame, unpack
 from .dataset import open_dataset, read_property, resolve_dataset_path
 from .errors import RecordIOError, format_location
 from .images import contact_sheet, display_path
-from .reader import IndexedRecordReader, idx_path_for, next_magic, parse_index
-from .shards import file_sha256, read_manifest
+from .reader import IndexedRecordReader, check_recordio_magic, idx_path_for, next_magic, parse_index
+from .shards import file_sha256, incomplete_pack_error, journal_path, read_manifest
 from .verification_bin import write_bin
 
 
@@ -50,6 +50,10 @@ def verify_rec(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None =
 
     if not rec_path.is_file():
         return [format_location("record file not found", name)]
+    try:
+        check_recordio_magic(rec_path)
+    except RecordIOError as error:
+        return [str(error)]  # not RecordIO at all: its index and records are beside the point
     size = rec_path.stat().st_size
     if sha256 is not None and file_sha256(rec_path) != sha256:
         problem("checksum (sha256) differs from the manifest: the file changed or is damaged")
@@ -141,9 +145,9 @@ def _check_records(view, headers, payload_sizes, offset_to_key, num_classes, che
     labels: dict[int, int] = {}
     iterator = image_keys
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        iterator = tqdm(image_keys, unit="img", desc="verify")
+        iterator = progress_bar(image_keys, unit="img", desc="verify")
     for key in iterator:
         offset = key_to_offset.get(key)
         header = headers.get(offset) if offset is not None else None
@@ -236,6 +240,7 @@ def reindex(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = No
     idx_path = Path(idx_path) if idx_path is not None else idx_path_for(rec_path)
     if not rec_path.is_file():
         raise RecordIOError("record file not found", str(rec_path))
+    check_recordio_magic(rec_path)  # an index of a file that is not RecordIO would be empty and misleading
     problems: list[str] = []
     entries: list[tuple[int, int]] = []
     size = rec_path.stat().st_size
@@ -260,6 +265,9 @@ def reindex(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = No
             position = end
         view.release()
         mapped.close()
+    if size and not entries:
+        raise RecordIOError(f"no readable record in the file ({len(problems)} damaged place(s), first: "
+                            f"{problems[0] if problems else 'none'}); no index written", str(rec_path))
     seen: set[int] = set()
     if keys == "id" and any(key in seen or seen.add(key) for key, _ in entries):
         raise RecordIOError("record ids are not unique, so they cannot be the keys; use --keys sequential",
@@ -293,6 +301,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         raise RecordIOError(str(error)) from None
     kill_after = os.environ.get("PACK_REC_TEST_KILL_AFTER")
     result = pack(args.source, args.output_prefix, options, int(kill_after) if kill_after else None)
+    if result.already_complete:
+        print(f"nothing to resume: the pack is complete ({result.num_images} images of {result.num_classes} "
+              f"identities in {len(result.shards)} shard(s)); manifest {result.manifest}")
+        return 0
     print(f"packed {result.num_images} images of {result.num_classes} identities into {len(result.shards)} "
           f"shard(s); manifest {result.manifest}")
     if result.problems:
@@ -326,6 +338,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    kind, resolved = resolve_dataset_path(args.dataset)
+    if kind == "rec":  # not RecordIO at all is an input error (exit 2), not a damaged dataset (exit 1)
+        check_recordio_magic(resolved)
     problems = verify_dataset(args.dataset, check_images=not args.no_images, progress=not args.quiet)
     for message in problems[: args.max_problems]:
         print(message)
@@ -422,13 +437,24 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
 
 def read_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike, pairs_format: str = "auto",
                lfw_ext: str = ".jpg") -> tuple[list[tuple[Path, Path]], list[bool]]:
-    """Parse an LFW ``pairs.txt`` or a ``path1 path2 same`` list into image path pairs and labels."""
+    """Parse an LFW ``pairs.txt`` or a ``path1 path2 same`` list into image path pairs and labels.
+
+    Relative paths (list style) and LFW names (``root/name/name_NNNN.jpg``) are resolved against ``root``;
+    ``pack_rec bin`` passes the pairs file's folder unless ``--root`` is given.
+    """
+    pairs, issame, _ = _read_pairs_lines(pairs_path, root, pairs_format, lfw_ext)
+    return pairs, issame
+
+
+def _read_pairs_lines(pairs_path: str | os.PathLike, root: str | os.PathLike, pairs_format: str = "auto",
+                      lfw_ext: str = ".jpg") -> tuple[list[tuple[Path, Path]], list[bool], list[int]]:
+    """:func:`read_pairs` plus the line number of every pair (for error messages)."""
     pairs_path, root = Path(pairs_path), Path(root)
     try:
         lines = pairs_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError as error:
         raise RecordIOError(f"cannot read pairs file: {error.strerror or error}", str(pairs_path)) from None
-    pairs, issame = [], []
+    pairs, issame, numbers = [], [], []
     for number, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
@@ -464,27 +490,39 @@ def read_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike, pairs_for
             same = fields[2].lower() in ("1", "true", "same")
         pairs.append(pair)
         issame.append(same)
+        numbers.append(number)
     if not pairs:
         raise RecordIOError("no pairs found", str(pairs_path))
-    return pairs, issame
+    return pairs, issame, numbers
 
 
 def build_bin(pairs_path: str | os.PathLike, output: str | os.PathLike, root: str | os.PathLike | None = None,
               pairs_format: str = "auto", image_size: int | None = 112, quality: int = 95,
               lfw_ext: str = ".jpg") -> tuple[Path, int]:
-    """Build a verification pack from a pairs file; images not ``image_size`` square are resized."""
+    """Build a verification pack from a pairs file; images not ``image_size`` square are resized.
+
+    Relative image paths and LFW names are looked up under ``root``, by default the pairs file's own
+    folder (as ``pack_rec pack`` does for the paths of a ``.lst``); ``pack_rec synth --pairs`` writes its
+    list-style paths relative to that folder, so its pairs file needs no ``--root``.
+    """
+    looked_in = f"--root {root}" if root is not None else \
+        f"the pairs file's folder {Path(pairs_path).parent}; pass --root DIR if the images are elsewhere"
     root = Path(root) if root is not None else Path(pairs_path).parent
-    pairs, issame = read_pairs(pairs_path, root, pairs_format, lfw_ext)
+    pairs, issame, numbers = _read_pairs_lines(pairs_path, root, pairs_format, lfw_ext)
     cache: dict[Path, bytes] = {}
     bins: list[bytes] = []
-    for pair in pairs:
+    for pair, number in zip(pairs, numbers):
         for path in pair:
             if path not in cache:
                 try:
                     original = path.read_bytes()
                 except OSError as error:
-                    raise RecordIOError(f"cannot read image: {error.strerror or error}", display_path(path)) \
-                        from None
+                    problem = "image not found" if isinstance(error, FileNotFoundError) else \
+                        f"cannot read image ({error.strerror or error})"
+                    tried = display_path(os.path.abspath(path))
+                    raise RecordIOError(f"line {number}: {problem}: looked for {tried} (relative paths and "
+                                        f"LFW names are resolved against {looked_in})",
+                                        str(pairs_path)) from None
                 image = decode_image(original, display_path(path))
                 if image_size and image.shape[:2] != (image_size, image_size):
                     import cv2
@@ -588,11 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_unpack)
 
     p = commands.add_parser("bin", help="pairs file + images -> verification pack (.bin)",
+                            description="Build a verification pack (.bin) from a pairs file and its images. "
+                                        "Relative paths in the pairs file, and LFW names (ROOT/name/"
+                                        "name_NNNN.jpg), are resolved against --root, by default the "
+                                        "pairs file's own folder (where `pack_rec synth --pairs` writes "
+                                        "list-style paths from).",
                             epilog=EXIT_STATUS_HELP)
     p.add_argument("pairs", help="LFW pairs.txt or lines 'path1 path2 same(1/0)'")
     p.add_deprecated_positional("legacy_output", "OUTPUT", "output", "-o/--output")
     p.add_output("the verification pack to write (.bin)", metavar="BIN")
-    p.add_argument("--root", default=None, help="image folder (default: the pairs file's folder)")
+    p.add_argument("--root", default=None,
+                   help="folder that relative image paths and LFW names are resolved against (default: the "
+                        "pairs file's folder)")
     p.add_argument("--pairs-format", choices=["auto", "lfw", "list"], default="auto",
                    help="lfw: LFW pairs.txt ('name n1 n2' / 'name1 n1 name2 n2'); list: 'path1 path2 1|0' "
                         "lines; auto: decided per line")
@@ -615,7 +660,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pack_rec {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = " (rerun with --resume to continue)" if args.command == "pack" else ""
+        hint = ""
+        if args.command == "pack":
+            journal = journal_path(Path(args.output_prefix))
+            hint = f": {incomplete_pack_error(journal)}" if journal.is_file() else \
+                " (rerun with --resume to continue)"
         print(f"pack_rec {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:

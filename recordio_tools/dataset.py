@@ -25,8 +25,8 @@ import numpy as np
 
 from .codec import IR_SIZE, IRHeader, unpack
 from .errors import RecordIOError
-from .reader import IndexedRecordReader, idx_path_for
-from .shards import MANIFEST_SUFFIX, Manifest, read_manifest
+from .reader import IndexedRecordReader, check_recordio_magic, idx_path_for
+from .shards import MANIFEST_SUFFIX, Manifest, read_manifest, refuse_if_incomplete
 
 _FLAG = struct.Struct("<I")
 _SPOT_CHECKS = 64
@@ -291,8 +291,22 @@ def read_property(folder: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 def resolve_dataset_path(path: str | os.PathLike) -> tuple[str, Path]:
-    """``("manifest", json_path)`` or ``("rec", rec_path)`` for any accepted way to name a dataset."""
+    """``("manifest", json_path)`` or ``("rec", rec_path)`` for any accepted way to name a dataset.
+
+    A pack that ``pack_rec pack`` has not finished (its journal is beside it) is refused whichever way it
+    is named, with the command that finishes it: its finished shards alone are not the dataset.
+    """
     path = Path(path)
+    try:
+        kind, resolved = _resolve(path)
+    except RecordIOError:
+        refuse_if_incomplete(path)  # "incomplete pack", rather than "not found", while one is being written
+        raise
+    refuse_if_incomplete(resolved)
+    return kind, resolved
+
+
+def _resolve(path: Path) -> tuple[str, Path]:
     text = str(path)
     if text.endswith(".json"):
         if not path.is_file():
@@ -320,6 +334,10 @@ def resolve_dataset_path(path: str | os.PathLike) -> tuple[str, Path]:
     rec = path.with_name(path.name + ".rec")
     if rec.is_file():
         return "rec", rec
+    if path.is_file():
+        check_recordio_magic(path)  # says "not a RecordIO file" for an image, a text file, ...
+        raise RecordIOError("a RecordIO file without the .rec suffix: rename it to NAME.rec (its index "
+                            "NAME.idx beside it) or name it by its .rec path", text)
     raise RecordIOError("no dataset here: expected a .rec file, its prefix, a folder holding train.rec, "
                         "or a shard manifest (.json)", text)
 

@@ -3,18 +3,24 @@
 Pipeline: the source is scanned into a deterministic *plan* (item order, labels, shard of every item);
 a pool of worker processes reads and encodes images (ordered ``imap``) while this process writes them.
 Every image record carries its plan position in ``IRHeader.id2``, so after an interruption the open
-shard's temporary files tell exactly where to continue: ``--resume`` truncates a torn tail, skips the
-items already stored, and goes on. A journal (``<prefix>.pack-journal.json``) records the plan's
-fingerprint and finished shards; the manifest is written last and is what marks the pack complete.
+shard's temporary files tell exactly where to continue: ``--resume`` truncates a torn tail (and the
+closing records of a shard that was being finished), skips the items already stored, and goes on. A
+journal (``<prefix>.pack-journal.json``) is written first and removed last; it records the plan's
+fingerprint, the finished shards (recorded before they are renamed into place) and the command that
+continues the pack. While it exists the prefix is an incomplete pack that no reader opens; the manifest,
+written just before the journal is removed, describes the complete pack. An interruption at any point
+resumes to the bytes an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import shlex
 import signal
 import warnings
 from collections.abc import Iterator
@@ -36,7 +42,7 @@ from .images import (
     read_list,
     scan_folder,
 )
-from .shards import LAYOUTS, Manifest, ShardInfo, manifest_path, shard_name
+from .shards import LAYOUTS, Manifest, ShardInfo, journal_path, manifest_path, read_manifest, shard_name
 from .writer import TMP_SUFFIX, FaceDatasetWriter
 
 FLUSH_EVERY = 256  # records between flushes: bounds what an interruption can lose
@@ -95,6 +101,7 @@ class PackResult:
     num_classes: int
     shards: list[Path]
     problems: list[Problem] = field(default_factory=list)
+    already_complete: bool = False  # --resume found the pack finished: nothing was written
 
 
 @dataclass
@@ -207,7 +214,7 @@ def _init_worker_options_inline(options: EncodeOptions) -> None:
 
 # ----------------------------------------------------------------------------------------------- journal
 def _journal_path(prefix: Path) -> Path:
-    return prefix.with_name(prefix.name + ".pack-journal.json")
+    return journal_path(prefix)
 
 
 def _problems_path(prefix: Path) -> Path:
@@ -221,13 +228,60 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _read_problems(path: Path) -> dict[int, Problem]:
+    """Bad images logged by an interrupted run (plan index -> problem); a torn last line is dropped from
+    the file too, so that new lines append after whole ones."""
     found: dict[int, Problem] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            parts = line.split("\t", 2)
-            if len(parts) == 3 and parts[0].isdigit():
-                found[int(parts[0])] = Problem(parts[1], parts[2])
+    if not path.exists():
+        return found
+    raw = path.read_bytes()
+    whole = raw[: raw.rfind(b"\n") + 1]
+    if len(whole) != len(raw):
+        with open(path, "r+b") as handle:
+            handle.truncate(len(whole))
+    for line in whole.decode("utf-8", errors="replace").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[0].isdigit():
+            found[int(parts[0])] = Problem(parts[1], parts[2])
     return found
+
+
+# Options of PackOptions -> the `pack_rec pack` flag that sets them (resume/overwrite are added as needed).
+_CLI_FLAGS = (("layout", "--layout"), ("num_shards", "--num-shards"), ("shard_size", "--shard-size"),
+              ("workers", "--workers"), ("quality", "--quality"), ("img_fmt", "--format"),
+              ("resize", "--resize"), ("pass_through", "--pass-through"), ("shuffle", "--shuffle"),
+              ("seed", "--seed"), ("skip_bad", "--skip-bad"), ("list_format", "--list-format"),
+              ("root", "--root"), ("landmark_order", "--landmark-order"))
+
+
+def resume_command(source: str | os.PathLike, output_prefix: str | os.PathLike, options: PackOptions) -> str:
+    """The ``pack_rec pack ... --resume`` command line that continues this pack from any folder (absolute
+    paths, every option that differs from its default)."""
+    defaults = PackOptions()
+    words = ["pack_rec", "pack", os.path.abspath(source), "-o", os.path.abspath(output_prefix)]
+    for name, flag in _CLI_FLAGS:
+        value = getattr(options, name)
+        if value == getattr(defaults, name) or value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(flag)
+        elif name == "resize":
+            words += [flag, f"{value[0]}x{value[1]}"]
+        elif name == "root":
+            words += [flag, os.path.abspath(value)]
+        else:
+            words += [flag, str(value)]
+    if not options.progress:
+        words.append("--quiet")
+    return shlex.join([*words, "--resume"])
+
+
+def _remove_stale_temporaries(prefix: Path) -> None:
+    """Temporary files of atomic writes (``.<name>.tmp-<pid>``) that an interruption left behind."""
+    names = [_journal_path(prefix).name, manifest_path(prefix).name, prefix.name + ".classes.tsv",
+             prefix.name + ".skipped.tsv", "property"]
+    for name in names:
+        for stale in prefix.parent.glob(f".{glob.escape(name)}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- pack
@@ -237,6 +291,12 @@ def pack(source: str | os.PathLike, output_prefix: str | os.PathLike, options: P
 
     Raises :class:`PackError` for bad inputs (all of them listed) unless ``options.skip_bad``, in which
     case bad inputs are skipped and returned in ``PackResult.problems``.
+
+    Order of work, so that an interruption anywhere resumes (``options.resume``) to the same bytes: the
+    journal is written before anything else (from then on every way of opening the prefix refuses: an
+    incomplete pack); each shard is finished under its temporary names, recorded in the journal, then
+    renamed; the side files and the manifest come after the last shard, and removing the journal is
+    the last step.
     """
     options = options or PackOptions()
     options.validate()
@@ -253,37 +313,54 @@ def pack(source: str | os.PathLike, output_prefix: str | os.PathLike, options: P
                         display_path(source))
     plan = make_plan(source_data, options)
     names = [shard_name(prefix.name, index, plan.num_shards) for index in range(plan.num_shards)]
+    command = resume_command(source, prefix, options)
 
-    journal = {"fingerprint": plan.fingerprint, "done": {}}
-    if manifest_file.exists() and not options.overwrite:
-        raise PackError("a finished pack already exists here (pass --overwrite to replace it)",
-                        str(manifest_file))
-    resuming = False
+    previous = None
     if journal_file.exists():
         try:
             previous = json.loads(journal_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+            if not isinstance(previous, dict) or not isinstance(previous.get("done"), dict):
+                raise ValueError("not a pack journal")
+        except (OSError, ValueError) as error:
             raise PackError(f"unreadable pack journal ({error}); delete it to start again",
                             str(journal_file)) from None
+        if options.resume and previous.get("fingerprint") != plan.fingerprint:
+            raise PackError("cannot resume: the source or the options differ from the interrupted pack "
+                            "(same inputs and options are needed; or drop --resume and pass --overwrite)",
+                            str(journal_file))
+        if not options.resume and not options.overwrite:
+            # the command it was started with (this one may differ in more than --resume)
+            started = previous.get("command") or command
+            raise PackError(f"an interrupted pack exists for this prefix: continue it with `{started}`, or "
+                            f"pass --overwrite to start again", str(journal_file))
+    resuming = previous is not None and options.resume
+    if resuming:
+        journal = previous
+        journal["command"] = command
+    else:
+        if manifest_file.exists() and not options.overwrite:
+            if options.resume and _manifest_fingerprint(manifest_file) == plan.fingerprint:
+                return _already_complete(manifest_file, prefix, problems_file)
+            raise PackError("a finished pack already exists here (pass --overwrite to replace it)",
+                            str(manifest_file))
         if options.resume:
-            if previous.get("fingerprint") != plan.fingerprint:
-                raise PackError("cannot resume: the source or the options differ from the interrupted pack "
-                                "(same inputs and options are needed; or drop --resume and pass --overwrite)",
-                                str(journal_file))
-            journal, resuming = previous, True
-        elif not options.overwrite:
-            raise PackError("an interrupted pack exists for this prefix: pass --resume to continue it, or "
-                            "--overwrite to start again", str(journal_file))
-    elif options.resume:
-        warnings.warn(f"{journal_file}: no interrupted pack to resume; starting from the beginning",
-                      stacklevel=2)
-    if not resuming:
+            warnings.warn(f"{journal_file}: no interrupted pack to resume; starting from the beginning",
+                          stacklevel=2)
+        journal = {"fingerprint": plan.fingerprint, "num_shards": plan.num_shards, "shards": names,
+                   "command": command, "overwrite": options.overwrite, "done": {}}
         _remove_partials(prefix, names, problems_file)
+    _remove_stale_temporaries(prefix)
     _write_json_atomic(journal_file, journal)
+    # A manifest from before (a pack being replaced, or this one's, written just before an interruption)
+    # must not describe the files while they change; the finished pack writes it again.
+    manifest_file.unlink(missing_ok=True)
+    overwrite = options.overwrite or bool(journal.get("overwrite"))
 
-    problems = _read_problems(problems_file) if resuming else {}
-    for problem in source_data.problems:
-        problems.setdefault(-1 - len(problems), problem)
+    # Bad images of finished shards are in the journal, those of the shard that was open in the log.
+    image_problems = {int(index): Problem(*problem) for index, problem in journal.get("skipped", {}).items()}
+    if resuming:
+        for index, problem in _read_problems(problems_file).items():
+            image_problems.setdefault(index, problem)
     encode_options = EncodeOptions(options.quality, options.img_fmt, options.resize, options.pass_through)
     done_count = sum(info["num_images"] for info in journal["done"].values())
     progress = _progress(len(plan.items), options.progress)
@@ -293,33 +370,76 @@ def pack(source: str | os.PathLike, output_prefix: str | os.PathLike, options: P
         with open(problems_file, "a", encoding="utf-8") as problems_log:
             for shard in range(plan.num_shards):
                 if names[shard] in journal["done"]:
+                    _commit_recorded_shard(prefix, journal["done"][names[shard]])
                     continue
-                info, written = _pack_shard(prefix, names[shard], shard, plan, options, encode_options,
-                                            problems, problems_log, progress, _kill_after, written_total)
+                writer, info, written = _pack_shard(prefix, names[shard], shard, plan, options, resuming,
+                                                    overwrite, encode_options, image_problems, problems_log,
+                                                    progress, _kill_after, written_total)
                 written_total += written
                 journal["done"][names[shard]] = asdict(info)
-                _write_json_atomic(journal_file, journal)
+                journal["skipped"] = {str(index): [problem.where, problem.reason]
+                                      for index, problem in sorted(image_problems.items())}
+                _write_json_atomic(journal_file, journal)  # recorded first, then given its final names
+                writer.commit()
     finally:
         progress.close()
 
     shard_infos = [ShardInfo(**journal["done"][name]) for name in names]
     image_size = list(options.resize) if options.resize else _probe_image_size(
         [prefix.parent / info.rec for info in shard_infos])
+    # Source problems first (scan order), then bad images in plan order: the same list whichever runs
+    # met them.
+    problems = list(source_data.problems) + [image_problems[index] for index in sorted(image_problems)]
     manifest = Manifest(layout=options.layout, num_classes=plan.num_classes,
                         num_images=sum(info.num_images for info in shard_infos), image_size=image_size,
-                        shards=shard_infos, extra={"source": display_path(source), "skipped": len(problems)})
+                        shards=shard_infos, extra={"source": display_path(source), "skipped": len(problems),
+                                                   "fingerprint": plan.fingerprint})
     _write_side_files(prefix, plan, manifest, problems)
-    manifest.write(manifest_file)  # last: its presence marks the pack complete
-    journal_file.unlink()
-    problems_file.unlink(missing_ok=True)
+    manifest.write(manifest_file)
+    problems_file.unlink(missing_ok=True)  # its lines are in the journal by now
+    journal_file.unlink()  # last: from here on the pack is complete
     return PackResult(manifest_file, manifest.num_images, plan.num_classes,
-                      [prefix.parent / info.rec for info in shard_infos], list(problems.values()))
+                      [prefix.parent / info.rec for info in shard_infos], problems)
+
+
+def _manifest_fingerprint(manifest_file: Path) -> str | None:
+    try:
+        extra = json.loads(manifest_file.read_text(encoding="utf-8")).get("extra") or {}
+        return extra.get("fingerprint") if isinstance(extra, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _already_complete(manifest_file: Path, prefix: Path, problems_file: Path) -> PackResult:
+    """``--resume`` of a pack that finished (interrupted after its journal was removed): tidy up only."""
+    problems_file.unlink(missing_ok=True)
+    _remove_stale_temporaries(prefix)
+    manifest = read_manifest(manifest_file)
+    return PackResult(manifest_file, manifest.num_images, manifest.num_classes,
+                      [prefix.parent / info.rec for info in manifest.shards], [], already_complete=True)
+
+
+def _commit_recorded_shard(prefix: Path, info: dict) -> None:
+    """Give a shard the journal records as finished its final names, if an interruption came first."""
+    for key in ("rec", "idx"):
+        final = prefix.with_name(info[key])
+        temporary = final.with_name(final.name + TMP_SUFFIX)
+        if temporary.exists():
+            os.replace(temporary, final)
+        if not final.is_file():
+            raise PackError("a shard the pack journal records as finished is missing (moved or deleted?); "
+                            "pass --overwrite instead of --resume to pack again", str(final))
+    rec = prefix.with_name(info["rec"])
+    if rec.stat().st_size != info["bytes"]:
+        raise PackError(f"a finished shard has {rec.stat().st_size} bytes, the pack journal says "
+                        f"{info['bytes']} (changed since?); pass --overwrite instead of --resume to pack "
+                        f"again", str(rec))
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from .progress import progress_bar
 
-    return tqdm(total=total, unit="img", desc="pack", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+    return progress_bar(total=total, unit="img", desc="pack", disable=not enabled, smoothing=0.1)
 
 
 def _remove_partials(prefix: Path, names: list[str], problems_file: Path) -> None:
@@ -331,19 +451,22 @@ def _remove_partials(prefix: Path, names: list[str], problems_file: Path) -> Non
     problems_file.unlink(missing_ok=True)
 
 
-def _pack_shard(prefix: Path, name: str, shard: int, plan: _Plan, options: PackOptions,
-                encode_options: EncodeOptions, problems: dict[int, Problem], problems_log,
-                progress, kill_after: int | None, written_before: int) -> tuple[ShardInfo, int]:
+def _pack_shard(prefix: Path, name: str, shard: int, plan: _Plan, options: PackOptions, resuming: bool,
+                overwrite: bool, encode_options: EncodeOptions, problems: dict[int, Problem], problems_log,
+                progress, kill_after: int | None,
+                written_before: int) -> tuple[FaceDatasetWriter, ShardInfo, int]:
+    """Write shard ``shard`` (continuing its temporary files when resuming) and finish it under its
+    temporary names; the caller records it and then commits it."""
     shard_prefix = prefix.with_name(name)
     class_start, class_end = plan.class_ranges[shard] if options.layout == "insightface" else (0, None)
     num_local = None if class_end is None else class_end - class_start
     partial_rec = shard_prefix.with_name(name + ".rec" + TMP_SUFFIX)
-    if options.resume and partial_rec.exists():
+    if resuming and partial_rec.exists():
         writer = FaceDatasetWriter.resume(shard_prefix, options.layout, class_start, num_local,
-                                          overwrite=options.overwrite)
+                                          overwrite=overwrite)
     else:
         writer = FaceDatasetWriter(shard_prefix, options.layout, class_start, num_local,
-                                   overwrite=options.overwrite, keep_partial=True)
+                                   overwrite=overwrite, keep_partial=True)
     members = np.flatnonzero(plan.shard_of_item == shard)
     # Items up to the last stored one are done; bad items among them were logged when first met.
     todo = [(int(index), plan.items[index]) for index in members.tolist() if index > writer.last_source_index]
@@ -370,15 +493,15 @@ def _pack_shard(prefix: Path, name: str, shard: int, plan: _Plan, options: PackO
                     # Test hook: die like a killed process would (no cleanup, no flush).
                     os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
+        writer.finish()
     except BaseException:
         writer.close_partial()
         raise
-    writer.close()
     info = ShardInfo(rec=writer.writer.rec_path.name, idx=writer.writer.idx_path.name,
                      num_records=writer.writer.num_records, num_images=writer.num_images,
                      class_start=class_start, num_classes=num_local if num_local is not None else
                      (writer.max_label + 1), sha256=writer.writer.sha256, bytes=writer.writer.position)
-    return info, written
+    return writer, info, written
 
 
 def _probe_image_size(rec_paths: list[Path]) -> list[int] | None:
@@ -393,12 +516,12 @@ def _probe_image_size(rec_paths: list[Path]) -> list[int] | None:
     return None
 
 
-def _write_side_files(prefix: Path, plan: _Plan, manifest: Manifest, problems: dict[int, Problem]) -> None:
+def _write_side_files(prefix: Path, plan: _Plan, manifest: Manifest, problems: list[Problem]) -> None:
     classes = prefix.with_name(prefix.name + ".classes.tsv")
     _write_text_atomic(classes, "".join(f"{label}\t{name}\n" for label, name in enumerate(plan.class_names)))
     if problems:
         report = prefix.with_name(prefix.name + ".skipped.tsv")
-        _write_text_atomic(report, "".join(f"{p.where}\t{p.reason}\n" for p in problems.values()))
+        _write_text_atomic(report, "".join(f"{p.where}\t{p.reason}\n" for p in problems))
     if manifest.layout == "insightface" and manifest.image_size:
         prop = prefix.parent / "property"
         text = f"{manifest.num_classes},{manifest.image_size[0]},{manifest.image_size[1]}"

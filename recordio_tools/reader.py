@@ -46,6 +46,12 @@ def parse_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         text = idx_path.read_bytes()
     except OSError as error:
         raise RecordIOError(f"cannot read index: {error.strerror or error}", str(idx_path)) from None
+    return parse_index_bytes(text, idx_path)
+
+
+def parse_index_bytes(text: bytes, idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`parse_index` of ``.idx`` content already in memory (``idx_path`` names it in errors)."""
+    idx_path = Path(idx_path)
     tokens = text.split()
     try:
         # Fast path: one vectorised conversion for millions of lines.
@@ -84,6 +90,25 @@ def _raise_bad_index_line(idx_path: Path, text: bytes) -> None:
     raise RecordIOError("malformed index (blank lines inside or bad structure)", str(idx_path))
 
 
+def check_recordio_magic(path: str | os.PathLike) -> None:
+    """Raise :class:`RecordIOError` unless the file starts like RecordIO (the magic word at offset 0).
+
+    Run before anything that would otherwise blame a missing or damaged index for a file that is not
+    RecordIO at all (an image, a ``.bin`` pack, a text file). An empty file passes (it holds no record).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise RecordIOError(f"cannot read record file: {error.strerror or error}", str(path)) from None
+    expected = FRAME_HEADER.pack(MAGIC, 0)[:4]
+    if head and head != expected:
+        found = " ".join(f"{byte:02x}" for byte in head)
+        raise RecordIOError(f"not a RecordIO file: bad magic at offset 0 (found bytes {found}, expected "
+                            f"{' '.join(f'{byte:02x}' for byte in expected)}, i.e. 0x{MAGIC:08X})", str(path))
+
+
 class IndexedRecordReader:
     """Random access to the records of one ``.rec`` by the keys of its ``.idx``.
 
@@ -97,6 +122,7 @@ class IndexedRecordReader:
         self.idx_path = Path(idx_path) if idx_path is not None else idx_path_for(self.rec_path)
         if not self.rec_path.is_file():
             raise RecordIOError("record file not found (or not a file)", str(self.rec_path))
+        check_recordio_magic(self.rec_path)
         if not self.idx_path.is_file():
             raise RecordIOError(f"index file not found; rebuild it with `pack_rec reindex {self.rec_path}`",
                                 str(self.idx_path))
@@ -248,5 +274,5 @@ def next_magic(buffer: bytes | mmap.mmap, start: int) -> int:
         position = (found + 3) & ~3
 
 
-__all__ = ["IR_HEADER", "IR_SIZE", "IndexedRecordReader", "decode_lrecord", "idx_path_for", "next_magic",
-           "parse_index", "scan_records"]
+__all__ = ["IR_HEADER", "IR_SIZE", "IndexedRecordReader", "check_recordio_magic", "decode_lrecord",
+           "idx_path_for", "next_magic", "parse_index", "parse_index_bytes", "scan_records"]

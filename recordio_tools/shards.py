@@ -2,7 +2,10 @@
 
 Each shard is a stand-alone MXNet RecordIO file (its own header record and identity records in the
 InsightFace layout, image labels global), so MXNet-based tools can open any one shard. The manifest
-(``<prefix>.manifest.json``) is written last: its presence is what marks a pack complete.
+(``<prefix>.manifest.json``) is written last and the pack's journal (``<prefix>.pack-journal.json``)
+removed after it: a pack is complete when its manifest is there and its journal is not. While the journal
+is there, every way of opening the pack refuses (:func:`refuse_if_incomplete`), naming the command that
+finishes it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from .errors import RecordIOError
 MANIFEST_FORMAT = "arcface-recordio-shards"
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
+JOURNAL_SUFFIX = ".pack-journal.json"
 LAYOUTS = ("insightface", "plain")
 
 
@@ -32,6 +37,77 @@ def manifest_path(prefix: str | os.PathLike) -> Path:
     """``<prefix>.manifest.json``."""
     prefix = Path(prefix)
     return prefix.with_name(prefix.name + MANIFEST_SUFFIX)
+
+
+def journal_path(prefix: str | os.PathLike) -> Path:
+    """``<prefix>.pack-journal.json``: present while a pack at ``prefix`` is unfinished."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + JOURNAL_SUFFIX)
+
+
+def _journal_prefix(journal: Path) -> Path:
+    return journal.with_name(journal.name[: -len(JOURNAL_SUFFIX)])
+
+
+def _belongs_to(stem: str, prefix_name: str, journal: Path) -> bool:
+    """Whether a ``.rec`` named ``stem`` is (or will be) one of the shards of the pack at ``prefix_name``."""
+    if stem == prefix_name or re.fullmatch(re.escape(prefix_name) + r"-\d{5}-of-\d{5}", stem):
+        return True
+    try:
+        names = json.loads(journal.read_text(encoding="utf-8")).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        names = []
+    return stem in names
+
+
+def pack_journal_of(path: str | os.PathLike) -> Path | None:
+    """The journal of the unfinished pack that ``path`` belongs to, if any.
+
+    ``path`` may be a manifest, a ``.rec``/``.idx`` (one of the pack's shards), a prefix, or a folder
+    (any unfinished pack in it).
+    """
+    path = Path(path)
+    name = path.name
+    if path.is_dir():
+        journals = sorted(path.glob("*" + JOURNAL_SUFFIX))
+        return journals[0] if journals else None
+    if name.endswith(MANIFEST_SUFFIX):
+        journal = journal_path(path.with_name(name[: -len(MANIFEST_SUFFIX)]))
+        return journal if journal.is_file() else None
+    if path.suffix in (".rec", ".idx"):
+        for journal in sorted(path.parent.glob("*" + JOURNAL_SUFFIX)):
+            if _belongs_to(path.stem, _journal_prefix(journal).name, journal):
+                return journal
+        return None
+    journal = journal_path(path)
+    return journal if journal.is_file() else None
+
+
+def incomplete_pack_error(journal: str | os.PathLike) -> RecordIOError:
+    """``<prefix>: incomplete pack: k of n shards; rerun `pack_rec pack ... --resume```, from the journal."""
+    journal = Path(journal)
+    prefix = _journal_prefix(journal)
+    try:
+        data = json.loads(journal.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        data = {}
+    done = len(data.get("done") or {})
+    total = data.get("num_shards")
+    command = data.get("command")
+    count = f"{done} of {total} shards" if isinstance(total, int) else f"{done} shard(s) finished"
+    rerun = f"rerun `{command}` to finish it" if command else \
+        f"rerun `pack_rec pack SOURCE {prefix} --resume` with the options it was started with"
+    return RecordIOError(f"incomplete pack: {count}; {rerun} (its journal {journal.name} is beside it; "
+                         f"until then this is not a dataset)", str(prefix))
+
+
+def refuse_if_incomplete(path: str | os.PathLike) -> None:
+    """Raise :func:`incomplete_pack_error` when ``path`` belongs to an unfinished pack."""
+    journal = pack_journal_of(path)
+    if journal is not None:
+        raise incomplete_pack_error(journal)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

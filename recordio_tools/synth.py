@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -573,9 +574,9 @@ def generate_folder(out_dir: str | os.PathLike, identities: int, images_per_iden
     start = time.perf_counter()
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=total, unit="img", desc=f"synth {out.name}", dynamic_ncols=True)
+        bar = progress_bar(total=total, unit="img", desc=f"synth {out.name}")
     try:
         if workers == 1:
             results: Iterable[int] = map(_write_identity, jobs)
@@ -640,8 +641,10 @@ def write_pairs(out_path: str | os.PathLike, root: str | os.PathLike, identities
                 seed: int = 0, fmt: str = "list") -> Path:
     """Write a pairs file over ``identities`` (folders under ``root``): half same, half different.
 
-    ``fmt="list"``: one ``relative/path1 relative/path2 1|0`` line per pair (paths relative to
-    ``root``), same and different pairs alternating so that every consecutive block (fold) is balanced.
+    ``fmt="list"``: one ``relative/path1 relative/path2 1|0`` line per pair, paths relative to the pairs
+    file's own folder (where ``pack_rec bin`` resolves them unless given ``--root``, as ``pack_rec pack``
+    does for ``.lst`` files), same and different pairs alternating so that every consecutive block (fold)
+    is balanced.
     ``fmt="lfw"``: LFW ``pairs.txt`` (header ``10 N``, then per fold N ``name i j`` same lines and N
     ``name1 i name2 j`` different lines, 1-based image numbers); ``pairs`` must be a multiple of 20.
     Pairs are distinct while possible, drawn deterministically from ``seed``. Written atomically.
@@ -683,12 +686,19 @@ def write_pairs(out_path: str | os.PathLike, root: str | os.PathLike, identities
         seen.add(key)
         return pair
 
+    out = Path(out_path)
     lines: list[str] = []
     if fmt == "list":
+        # The image folder as seen from the pairs file's folder ("" when they are the same folder).
+        base = Path(os.path.relpath(os.path.abspath(root), os.path.abspath(out.parent))).as_posix()
+        base = "" if base == "." else base + "/"
+        if any(character.isspace() for character in base):
+            raise ValueError(f"{root}: the path from the pairs file's folder to the images contains a space, "
+                             f"which a pairs file cannot hold; put the pairs file elsewhere")
         for number in range(pairs):
             same = number % 2 == 0
             a, name_a, b, name_b = draw(same)
-            lines.append(f"{identity_name(a)}/{name_a} {identity_name(b)}/{name_b} {int(same)}")
+            lines.append(f"{base}{identity_name(a)}/{name_a} {base}{identity_name(b)}/{name_b} {int(same)}")
     else:
         per_fold = pairs // 20
         lines.append(f"10 {per_fold}")
@@ -703,7 +713,6 @@ def write_pairs(out_path: str | os.PathLike, root: str | os.PathLike, identities
             for _ in range(per_fold):
                 a, name_a, b, name_b = draw(False)
                 lines.append(f"{identity_name(a)}\t{number_of(name_a)}\t{identity_name(b)}\t{number_of(name_b)}")
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines) + "\n")
@@ -741,8 +750,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             identities = range(args.first_identity, args.first_identity + args.identities)
             path = write_pairs(pairs_file, args.out, identities, args.pairs, seed=args.seed,
                                fmt=args.pairs_format)
-            print(f"wrote {args.pairs} pairs ({args.pairs_format} format, paths relative to {args.out}) "
-                  f"to {path}")
+            # List-style paths are relative to the pairs file's folder, where `bin` looks by default;
+            # LFW names carry no folder, so `bin` needs the image folder as --root.
+            where = "paths relative to its own folder" if args.pairs_format == "list" else "LFW names"
+            root = "" if args.pairs_format == "list" else f" --root {shlex.quote(str(args.out))}"
+            target = shlex.quote(str(path.with_name(path.stem.removesuffix("_pairs") + ".bin")))
+            print(f"wrote {args.pairs} pairs ({args.pairs_format} format, {where}) to {path}; "
+                  f"verification pack: pack_rec bin {shlex.quote(str(path))} {target}{root}")
     except (ValueError, OSError) as error:
         print(f"pack_rec synth: {error}", file=sys.stderr)
         return 2
@@ -765,7 +779,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=0, help="also write this many verification pairs (0: none)")
     p.add_argument("--pairs-file", default=None, help="pairs file path (default: OUT_pairs.txt next to OUT)")
     p.add_argument("--pairs-format", choices=["list", "lfw"], default="list",
-                   help="'path1 path2 1|0' lines, or LFW pairs.txt (10 folds; --pairs a multiple of 20)")
+                   help="'path1 path2 1|0' lines with paths relative to the pairs file's folder (`pack_rec "
+                        "bin PAIRS OUT.bin` reads them as they are), or LFW pairs.txt (10 folds; --pairs a "
+                        "multiple of 20; `pack_rec bin` then needs --root OUT)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_quiet("no progress bar")
     p.set_defaults(func=_cmd_synth)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .codec import IRHeader, frame, pack, read_frame, unpack
 from .errors import RecordIOError
-from .reader import parse_index
+from .reader import parse_index_bytes
 
 TMP_SUFFIX = ".tmp"
 
@@ -75,6 +76,7 @@ class IndexedRecordWriter:
         self.num_records = 0
         self.position = 0
         self.closed = False
+        self.finished = False
         if not _resume:
             self._rec = open(self.rec_tmp, "wb")
             self._idx = open(self.idx_tmp, "w", encoding="ascii", newline="\n")
@@ -82,7 +84,7 @@ class IndexedRecordWriter:
     # -- writing -------------------------------------------------------------------------------------
     def write(self, key: int, payload: bytes | bytearray | memoryview) -> int:
         """Append one record (its payload: ``IRHeader`` + data) under ``key``; return its byte offset."""
-        if self.closed:
+        if self.closed or self.finished:
             raise RecordIOError("writer is closed", str(self.rec_path))
         key = int(key)
         if not self._keys.add(key):
@@ -112,13 +114,30 @@ class IndexedRecordWriter:
 
     def close(self) -> tuple[Path, Path]:
         """Flush, fsync and rename both files into place; return ``(rec_path, idx_path)``."""
-        if self.closed:
-            return self.rec_path, self.idx_path
+        self.finish()
+        return self.commit()
+
+    def finish(self) -> None:
+        """Flush, fsync and close the temporary files, which are then complete but keep their names.
+
+        Splitting :meth:`close` lets a caller record the finished file (e.g. in a journal) *before* it
+        gets its final name, so that no interruption can leave a final-named file nobody recorded.
+        """
+        if self.finished:
+            return
         self.flush()
         os.fsync(self._rec.fileno())
         os.fsync(self._idx.fileno())
         self._rec.close()
         self._idx.close()
+        self.finished = True
+
+    def commit(self) -> tuple[Path, Path]:
+        """Rename the finished temporary files to their final names (``.rec`` first)."""
+        if self.closed:
+            return self.rec_path, self.idx_path
+        if not self.finished:
+            raise RecordIOError("commit() before finish()", str(self.rec_path))
         if not self.overwrite:
             for final in (self.rec_path, self.idx_path):
                 if final.exists():
@@ -134,7 +153,7 @@ class IndexedRecordWriter:
         if self.closed:
             return
         for handle in (self._rec, self._idx):
-            handle.close()
+            handle.close()  # a no-op when finish() closed it already
         for temporary in (self.rec_tmp, self.idx_tmp):
             if temporary.exists():
                 temporary.unlink()
@@ -144,9 +163,10 @@ class IndexedRecordWriter:
         """Flush and close the temporary files, keeping them for :meth:`resume`."""
         if self.closed:
             return
-        self.flush()
-        self._rec.close()
-        self._idx.close()
+        # Each handle on its own (close() flushes it): an interruption inside finish() may have closed
+        # one and not the other. Record file first, so an index line never precedes its record on disk.
+        for handle in (self._rec, self._idx):
+            handle.close()
         self.closed = True
 
     def __enter__(self) -> IndexedRecordWriter:
@@ -162,19 +182,21 @@ class IndexedRecordWriter:
 
     # -- resume --------------------------------------------------------------------------------------
     @classmethod
-    def resume(cls, prefix: str | os.PathLike, overwrite: bool = False,
-               keep_partial: bool = True) -> tuple[IndexedRecordWriter, list[tuple[int, int]]]:
+    def resume(cls, prefix: str | os.PathLike, overwrite: bool = False, keep_partial: bool = True,
+               accept: Callable[[int, int, memoryview], bool] | None = None,
+               ) -> tuple[IndexedRecordWriter, list[tuple[int, int]]]:
         """Reopen the temporary files of an interrupted writer; return ``(writer, [(key, offset), ...])``.
 
-        Keeps the longest prefix of index entries whose records are complete and laid end to end,
-        truncates the record file after the last of them (dropping a torn record) and rewrites the
-        index to match. Missing temporary files mean a fresh start.
+        Keeps the longest prefix of index entries whose records are complete and laid end to end (and,
+        with ``accept(number, key, payload)``, accepted: the first refused record ends the prefix),
+        truncates the record file after the last of them (dropping a torn record) and rewrites the index
+        to match. Missing temporary files mean a fresh start.
         """
         writer = cls(prefix, overwrite=overwrite, keep_partial=keep_partial, _resume=True)
         entries: list[tuple[int, int]] = []
         end = 0
         if writer.rec_tmp.exists() and writer.idx_tmp.exists():
-            entries, end = _recover(writer.rec_tmp, writer.idx_tmp)
+            entries, end = _recover(writer.rec_tmp, writer.idx_tmp, accept)
         with open(writer.rec_tmp, "ab") as handle:  # create if missing
             handle.truncate(end)
         with open(writer.rec_tmp, "rb") as handle:
@@ -191,19 +213,17 @@ class IndexedRecordWriter:
         return writer, entries
 
 
-def _recover(rec_tmp: Path, idx_tmp: Path) -> tuple[list[tuple[int, int]], int]:
-    """Longest valid prefix of ``(key, offset)`` index entries and the byte where it ends."""
+def _recover(rec_tmp: Path, idx_tmp: Path, accept: Callable[[int, int, memoryview], bool] | None = None,
+             ) -> tuple[list[tuple[int, int]], int]:
+    """Longest valid (and accepted) prefix of ``(key, offset)`` index entries and the byte where it ends."""
     raw = idx_tmp.read_bytes()
     # A torn last line has no newline: drop it.
     complete = raw[: raw.rfind(b"\n") + 1] if b"\n" in raw else b""
-    scratch = idx_tmp.with_name(idx_tmp.name + ".scan")
-    scratch.write_bytes(complete)
     try:
-        keys, offsets = parse_index(scratch) if complete else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        keys, offsets = parse_index_bytes(complete, idx_tmp) if complete.strip() else \
+            (np.zeros(0, np.int64), np.zeros(0, np.int64))
     except RecordIOError:
         keys, offsets = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    finally:
-        scratch.unlink()
     data = rec_tmp.read_bytes()
     entries: list[tuple[int, int]] = []
     end = 0
@@ -211,8 +231,10 @@ def _recover(rec_tmp: Path, idx_tmp: Path) -> tuple[list[tuple[int, int]], int]:
         if offset != end:
             break
         try:
-            _, next_end = read_frame(data, offset, str(rec_tmp), key)
+            payload, next_end = read_frame(data, offset, str(rec_tmp), key)
         except RecordIOError:
+            break
+        if accept is not None and not accept(len(entries), key, payload):
             break
         entries.append((key, offset))
         end = next_end
@@ -282,6 +304,14 @@ class FaceDatasetWriter:
 
     def close(self) -> tuple[Path, Path]:
         """Write identity + header records (InsightFace layout) and rename the files into place."""
+        self.finish()
+        return self.commit()
+
+    def finish(self) -> None:
+        """Write identity + header records (InsightFace layout), flush and fsync; the files keep their
+        temporary names until :meth:`commit`."""
+        if self.writer.finished or self.writer.closed:
+            return
         if self.layout == "insightface":
             first_identity = self.num_images + 1
             for local, (start, end) in enumerate(self.identity_ranges().tolist()):
@@ -291,7 +321,11 @@ class FaceDatasetWriter:
             header_label = np.array([first_identity, end_key], np.float32)
             # id2 = 1 as in the MXNet-written reference files, so our output matches them byte for byte.
             self.writer.write(0, pack(IRHeader(2, header_label, 0, 1), b""))
-        return self.writer.close()
+        self.writer.finish()
+
+    def commit(self) -> tuple[Path, Path]:
+        """Rename the finished files to their final names."""
+        return self.writer.commit()
 
     def abort(self) -> None:
         """Delete the temporary files."""
@@ -304,27 +338,41 @@ class FaceDatasetWriter:
     @classmethod
     def resume(cls, prefix: str | os.PathLike, layout: str = "insightface", class_start: int = 0,
                num_classes: int | None = None, overwrite: bool = False) -> FaceDatasetWriter:
-        """Continue an interrupted file: recovers its complete image records and their bookkeeping."""
-        writer, entries = IndexedRecordWriter.resume(prefix, overwrite=overwrite, keep_partial=True)
-        face = cls(prefix, layout, class_start, num_classes, overwrite, True, _writer=writer)
+        """Continue an interrupted file: recovers its complete image records and their bookkeeping.
+
+        Identity and header records (written by :meth:`finish`, recognisable by their array label and
+        empty data) mean the interruption came while or after the file was being finished: they are
+        dropped with everything after them and written again, identically, by the next :meth:`finish`.
+        """
         expected_first = 1 if layout == "insightface" else 0
-        if entries:
-            data = writer.rec_tmp.read_bytes()
-            for number, (key, offset) in enumerate(entries):
-                payload, _ = read_frame(data, offset, str(writer.rec_tmp), key)
-                header, _ = unpack(payload, f"{writer.rec_tmp} key {key}")
-                if key != expected_first + number or header.flag not in (0, 2):
-                    # Identity/header records only come at close: their presence means the file is
-                    # finished-but-not-renamed or foreign; either way do not guess.
-                    raise RecordIOError("unexpected record in a partial shard (not the next image key); "
-                                        "delete the .tmp files to start this shard again",
+        headers: list[IRHeader] = []
+
+        def accept(number: int, key: int, payload: memoryview) -> bool:
+            header, data = unpack(payload, f"{prefix}.rec{TMP_SUFFIX} key {key}")
+            if layout == "insightface" and header.flag >= 2 and len(data) == 0:
+                return False  # a closing record: the file was being finished
+            if key != expected_first + number:
+                raise RecordIOError("unexpected record in a partial shard (not the next image key); "
+                                    "delete the .tmp files to start this shard again",
+                                    f"{prefix}.rec{TMP_SUFFIX}", key)
+            headers.append(header)
+            return True
+
+        writer, entries = IndexedRecordWriter.resume(prefix, overwrite=overwrite, keep_partial=True,
+                                                     accept=accept)
+        face = cls(prefix, layout, class_start, num_classes, overwrite, True, _writer=writer)
+        for (key, offset), header in zip(entries, headers):
+            label = int(header.label if header.flag == 0 else header.label[0])
+            if layout == "insightface":
+                local = label - face.class_start
+                if not 0 <= local < (face.num_classes or 0) or local < face._current:
+                    raise RecordIOError(f"label {label} does not belong at this place of the shard (classes "
+                                        f"[{face.class_start}, {face.class_start + (face.num_classes or 0)}) "
+                                        f"in order); delete the .tmp files to start this shard again",
                                         str(writer.rec_tmp), key, offset)
-                label = int(header.label if header.flag == 0 else header.label[0])
-                if layout == "insightface":
-                    local = label - face.class_start
-                    face.counts[local] += 1
-                    face._current = local
-                face.num_images += 1
-                face.last_source_index = max(face.last_source_index, int(header.id2))
-                face.max_label = max(face.max_label, label)
+                face.counts[local] += 1
+                face._current = local
+            face.num_images += 1
+            face.last_source_index = max(face.last_source_index, int(header.id2))
+            face.max_label = max(face.max_label, label)
         return face

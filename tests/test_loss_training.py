@@ -1,6 +1,14 @@
 """Every loss family trains: a tiny MLP on Gaussian identity clusters, fed by the P x K sampler, lowers the
-loss on a fixed held-out batch and separates identities: the same-identity cosine rises above the
-different-identity cosine and nearest-neighbour identification of unseen samples works."""
+loss on fixed held-out batches and separates identities: the same-identity cosine rises above the
+different-identity cosine and nearest-neighbour identification of unseen samples works.
+
+The thresholds must hold on any CPU. The hard-mining losses (TriHard, triplets, lifted, distance-weighted
+margin) are chaotic: which pair is the hardest flips with the last bits of a sum, so a machine that adds in
+another order ends somewhere else. Their spread was measured by perturbing the initial weights by one part
+in a million (the size of a summation-order difference) and training again; the problem, step count and
+thresholds are chosen so that every statistic stays many of those standard deviations away from its
+threshold (``test_margins_hold_under_rounding_sized_perturbations`` re-checks that with 8 runs).
+"""
 
 from __future__ import annotations
 
@@ -15,14 +23,26 @@ from arcface import losses as L
 from arcface.margins import build_margin, subcenter_max
 from arcface.pk_sampler import PKBatchSampler
 
-NUM_IDS, IN_DIM, EMB_DIM, PER_ID = 8, 16, 8, 40
-STEPS = 120
+# Hundreds of tiny matrix products: a second intra-op thread only adds overhead (3x slower under load).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_IDS, IN_DIM, EMB_DIM, PER_ID, TEST_PER_ID = 8, 16, 8, 40, 20
+# Cluster means spread: 1.0 x unit noise. Raw inputs are still poorly separated in cosine (1-NN ~0.49),
+# and every family reaches 0.90 or more, far above the asserted 0.8.
+MEAN_SPREAD = 1.0
+STEPS = 240
+DECAY_STEPS = 120  # the learning rate falls linearly to 0 over the last steps: the end state settles
+LR = 1e-2
+# What every family must achieve on held-out samples (see the module docstring for the margins).
+MAX_LOSS_RATIO = 1.0   # loss after / loss before: it must go down
+MIN_GAP_GAIN = 0.15    # same-identity minus different-identity mean cosine, after minus before
+MIN_NN_ACCURACY = 0.8  # leave-one-out 1-NN identification (chance 1/8)
 
 
 def _data(noise_seed: int, per_id: int = PER_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """Clusters whose means are close relative to the noise: raw inputs are poorly separated in cosine.
     The identities (cluster means) are fixed; ``noise_seed`` draws fresh samples of them."""
-    means = torch.randn(NUM_IDS, IN_DIM, generator=torch.Generator().manual_seed(0)) * 0.7 + 1.5
+    means = torch.randn(NUM_IDS, IN_DIM, generator=torch.Generator().manual_seed(0)) * MEAN_SPREAD + 1.5
     labels = torch.arange(NUM_IDS).repeat_interleave(per_id)
     noise = torch.randn(len(labels), IN_DIM, generator=torch.Generator().manual_seed(noise_seed))
     x = means[labels] + noise
@@ -130,27 +150,49 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
 
 
 def _eval_loss(loss_fn: nn.Module, net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
-    # stochastic miners restart their generator: before/after see the same random stream
+    """Mean loss over two fixed held-out batches, each holding half the samples of every identity.
+
+    Batches of every identity (rather than one batch of everything) keep the hardest-pair losses from
+    being decided by a single extreme pair of the whole held-out set. The stochastic miners restart their
+    generator from the same seeds before and after training and average 8 draws: one draw of "a random
+    violating triplet per anchor" moves the mean by more than training does to it.
+    """
+    per_id = len(labels) // NUM_IDS
+    position = torch.arange(len(labels)) % per_id
+    generator = loss_fn.generator if isinstance(loss_fn, MarginDWS) else \
+        loss_fn.kwargs.get("generator") if isinstance(loss_fn, Functional) else None
+    values = []
     with torch.no_grad():
-        if isinstance(loss_fn, MarginDWS):
-            loss_fn.generator.manual_seed(123)
-        if isinstance(loss_fn, Functional) and "generator" in loss_fn.kwargs:
-            loss_fn.kwargs["generator"].manual_seed(123)
         loss_fn.eval()
-        value = float(loss_fn(net(x), labels))
+        for draw in range(8 if generator is not None else 1):
+            if generator is not None:
+                generator.manual_seed(123 + draw)
+            for half in (position < per_id // 2, position >= per_id // 2):
+                values.append(float(loss_fn(net(x[half]), labels[half])))
         loss_fn.train()
-        return value
+    return sum(values) / len(values)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_learns_to_separate_identities(family):
+def _train_and_measure(family: str, perturbation_seed: int | None = None) -> dict[str, float]:
+    """Train ``family`` from a fixed start; held-out loss, cosine gap and 1-NN accuracy before and after.
+
+    ``perturbation_seed`` multiplies every initial weight by ``1 + 1e-6 * N(0, 1)``: a difference as small
+    as another summation order makes, to measure how far the outcome can move on another machine.
+    """
     torch.manual_seed(0)
     x_train, y_train = _data(noise_seed=1)
-    x_test, y_test = _data(noise_seed=2, per_id=10)  # the same identities, unseen samples
+    x_test, y_test = _data(noise_seed=2, per_id=TEST_PER_ID)  # the same identities, unseen samples
     net = nn.Sequential(nn.Linear(IN_DIM, 32), nn.PReLU(), nn.Linear(32, EMB_DIM))
     loss_fn = FAMILIES[family]()
     params = list(net.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-2)
+    if perturbation_seed is not None:
+        generator = torch.Generator().manual_seed(perturbation_seed)
+        with torch.no_grad():
+            for param in params:
+                param.mul_(1 + 1e-6 * torch.randn(param.shape, generator=generator))
+    optimizer = torch.optim.Adam(params, lr=LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (STEPS - step) / DECAY_STEPS))
 
     with torch.no_grad():
         gap_before = _cosine_gap(net(x_test), y_test)
@@ -167,6 +209,7 @@ def test_family_learns_to_separate_identities(family):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             step += 1
             if step == STEPS:
                 break
@@ -176,9 +219,48 @@ def test_family_learns_to_separate_identities(family):
         gap_after = _cosine_gap(net(x_test), y_test)
         acc_after = _nn_accuracy(net(x_test), y_test)
     loss_after = _eval_loss(loss_fn, net, x_test, y_test)
-    print(f"{family}: loss {loss_before:.4f} -> {loss_after:.4f}, "
-          f"cos gap {gap_before:.3f} -> {gap_after:.3f}, 1-NN {acc_before:.3f} -> {acc_after:.3f}")
-    # the problem's best 1-NN accuracy is ~0.75 (overlapping clusters); chance is 1/8, the start ~0.33
-    assert loss_after < 0.85 * loss_before, (family, loss_before, loss_after)
-    assert gap_after > gap_before + 0.1, (family, gap_before, gap_after)
-    assert acc_after >= 0.55, (family, acc_before, acc_after)
+    return {"loss_before": loss_before, "loss_after": loss_after, "gap_before": gap_before,
+            "gap_after": gap_after, "acc_before": acc_before, "acc_after": acc_after}
+
+
+def _check(family: str, m: dict[str, float]) -> None:
+    print(f"{family}: loss {m['loss_before']:.4f} -> {m['loss_after']:.4f} "
+          f"(ratio {m['loss_after'] / m['loss_before']:.3f}), cos gap {m['gap_before']:.3f} -> "
+          f"{m['gap_after']:.3f}, 1-NN {m['acc_before']:.3f} -> {m['acc_after']:.3f}")
+    # chance is 1/8 and the start ~0.49 for 1-NN; the problem allows ~0.95
+    assert m["loss_after"] < MAX_LOSS_RATIO * m["loss_before"], (family, m)
+    assert m["gap_after"] > m["gap_before"] + MIN_GAP_GAIN, (family, m)
+    assert m["acc_after"] >= MIN_NN_ACCURACY, (family, m)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_learns_to_separate_identities(family):
+    _check(family, _train_and_measure(family))
+
+
+# The families whose outcome moves at all under a 1e-6 perturbation (the margin-softmax classifiers end
+# on the same values to the printed digits).
+CHAOTIC = ["trihard", "trihard_soft", "triplet_semihard", "triplet_random_violating", "lifted", "margin_dws"]
+MIN_MARGIN_SDS = 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CHAOTIC)
+def test_margins_hold_under_rounding_sized_perturbations(family):
+    """Eight runs from rounding-sized perturbations of the start: every run passes, and every statistic's
+    mean lies at least 4 of its standard deviations beyond the threshold, so another machine's summation
+    order (another draw from the same spread) cannot flip it. (20 runs measured >= 7.9 of them.)"""
+    runs = [_train_and_measure(family, perturbation_seed=seed) for seed in range(8)]
+    for seed, m in enumerate(runs):
+        _check(f"{family} (perturbation {seed})", m)
+    statistics = {
+        "loss ratio": ([m["loss_after"] / m["loss_before"] for m in runs], MAX_LOSS_RATIO, -1),
+        "cosine gap gain": ([m["gap_after"] - m["gap_before"] for m in runs], MIN_GAP_GAIN, 1),
+        "1-NN accuracy": ([m["acc_after"] for m in runs], MIN_NN_ACCURACY, 1),
+    }
+    for name, (values, threshold, direction) in statistics.items():
+        values = torch.tensor(values, dtype=torch.float64)
+        mean, sd = float(values.mean()), float(values.std())
+        margin = direction * (mean - threshold)
+        print(f"{family} {name}: {mean:.3f} +- {sd:.3f} vs {threshold} ({margin / max(sd, 1e-12):.1f} sd)")
+        assert margin >= MIN_MARGIN_SDS * sd, (family, name, mean, sd, threshold)

@@ -310,3 +310,34 @@ def test_filtered_margin_gradient_matches_finite_differences():
     cos = cos_theta.clone().requires_grad_()
     margin(cos, labels).masked_fill(dropped, 0.0).sum().backward()
     assert bool((cos.grad[dropped] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_curricularface_target_at_cos_pm1_is_the_documented_clamped_formula(dtype):
+    """At cos = +-1 the cosine is clamped one epsilon of the compute dtype inside [-1, 1] (as the module
+    docstring says), then ``s * cos(acos(c) + m)``: the reference is computed here in float64 from that
+    clamped cosine, with no code shared with the module."""
+    scale, margin = 64.0, 0.5
+    eps = torch.finfo(dtype).eps
+    cur = CurricularFace(scale=scale, margin=margin).to(dtype).eval()
+    # the targets at 1, 1 - tiny, mid-range; the negatives well away from every row's hard threshold
+    targets = [1.0, 1.0 - eps / 4, 0.3, -1.0]
+    cos_theta = torch.full((len(targets), 3), -0.95, dtype=dtype)
+    labels = torch.tensor([0, 1, 2, 0])
+    for row, value in enumerate(targets):
+        cos_theta[row, labels[row]] = value
+    logits = cur(cos_theta, labels)
+    for row, value in enumerate(targets):
+        stored = float(torch.tensor(value, dtype=dtype))  # what the module actually received
+        clamped = min(max(stored, -1.0 + eps), 1.0 - eps)
+        if clamped > math.cos(math.pi - margin):
+            want = scale * math.cos(math.acos(clamped) + margin)
+        else:  # ArcFace's fallback past theta + m > pi (uses the unclamped cosine)
+            want = scale * (stored - math.sin(math.pi - margin) * margin)
+        got = float(logits[row, labels[row]])
+        # fp32 logits near 56 are exact to a few 1e-6; the unclamped-sin_squared variant is 4.4e-3 off
+        assert abs(got - want) <= (2e-5 if dtype == torch.float32 else 1e-9), (value, got, want)
+    # the clamp keeps the gradient finite at cos = 1 exactly
+    c = cos_theta.clone().requires_grad_(True)
+    F.cross_entropy(cur(c, labels), labels).backward()
+    assert torch.isfinite(c.grad).all()

@@ -12,6 +12,7 @@ import pytest
 from recordio_tools.cli import main as pack_rec
 from recordio_tools.dataset import open_dataset
 from recordio_tools.errors import PackError
+from recordio_tools.images import display_path
 from recordio_tools.pack import PackOptions, pack
 from recordio_tools.verification_bin import load_bin
 
@@ -111,7 +112,7 @@ def _run_pack(tmp_path, extra, kill_after=None, timeout=120):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after, extra", [(7, ["--num-shards", "3"]), (2, ["--layout", "plain"]),
                                                (9, ["--num-shards", "2", "--workers", "2"])])
-def test_resume_after_killed_pack(tmp_path, kill_after, extra):
+def test_resume_after_killed_pack(tmp_path, kill_after, extra, capsys):
     written = make_folder(tmp_path / "src", [4, 3, 5, 2])
     killed = _run_pack(tmp_path, extra, kill_after)
     assert killed.returncode == -9, killed.stderr
@@ -119,6 +120,12 @@ def test_resume_after_killed_pack(tmp_path, kill_after, extra):
     # nothing looks complete: no manifest, shards still under temporary names or closed-and-journaled
     assert not (out / "train.manifest.json").exists()
     assert (out / "train.pack-journal.json").exists()
+    # ... and nothing opens as a dataset: the message names the command that finishes the pack
+    for name in (out, out / "train", out / "train.manifest.json"):
+        for command in (["verify", "--quiet"], ["info"]):
+            assert pack_rec([*command, str(name)]) == 2  # not a dataset yet: an input error
+            err = capsys.readouterr().err
+            assert "incomplete pack:" in err and f"{out / 'train'} " in err and "--resume`" in err, err
     refused = _run_pack(tmp_path, extra)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     resumed = _run_pack(tmp_path, [*extra, "--resume"])
@@ -237,3 +244,52 @@ def test_alignment_list(tmp_path):
     stored = cv2.imdecode(np.frombuffer(dataset.read_image(1), np.uint8), 1)
     expected = align_face(cv2.imread(str(tmp_path / "src" / "id_001" / "00.png")), source.items[1].landmarks)
     assert np.array_equal(stored, expected)
+
+
+def test_a_file_that_is_not_recordio_is_named_as_such(tmp_path, capsys):
+    """info/verify say "not a RecordIO file: bad magic at offset 0" (not "rebuild the index"), and
+    reindex refuses instead of writing an empty index that would then read as an empty dataset."""
+    photo = tmp_path / "photo.rec"
+    photo.write_bytes(cv2.imencode(".jpg", _image(1, 1))[1].tobytes())
+    for command in (["info"], ["verify", "--quiet"], ["reindex"]):
+        assert pack_rec([*command, str(photo)]) == 2, command
+        captured = capsys.readouterr()
+        err = captured.out + captured.err  # verify lists problems on stdout
+        assert f"{photo}: not a RecordIO file: bad magic at offset 0 (found bytes ff d8 ff e0" in err, err
+        assert "reindex" not in err.replace("pack_rec reindex:", ""), err
+    assert not (tmp_path / "photo.idx").exists() and not list(tmp_path.glob("*.idx*"))
+    # an index already beside it is left alone (not moved to .bak, not replaced)
+    (tmp_path / "photo.idx").write_text("1\t0\n")
+    assert pack_rec(["reindex", str(photo)]) == 2
+    assert (tmp_path / "photo.idx").read_text() == "1\t0\n" and not (tmp_path / "photo.idx.bak").exists()
+    assert pack_rec(["info", str(photo)]) == 2
+    assert "not a RecordIO file: bad magic at offset 0" in capsys.readouterr().err
+    # named without .rec: same answer for any file that is not RecordIO
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert pack_rec(["info", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt: not a RecordIO file: bad magic at offset 0 (found bytes 68 65 6c 6c" in \
+        capsys.readouterr().err
+    # the magic word and then nothing readable: no record, so no index either
+    (tmp_path / "torn.rec").write_bytes(b"\x0a\x23\xd7\xce" + b"\xff" * 40)
+    assert pack_rec(["reindex", str(tmp_path / "torn.rec")]) == 2
+    assert "no readable record" in capsys.readouterr().err and not (tmp_path / "torn.idx").exists()
+
+
+def test_bin_missing_image_says_where_it_looked(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", [2], ext=".jpg", size=112)
+    pairs = tmp_path / "lists" / "pairs.txt"
+    pairs.parent.mkdir()
+    pairs.write_text("../imgs/id_000/00.jpg ../imgs/id_000/01.jpg 1\n"
+                     "../imgs/id_000/00.jpg ../imgs/id_000/07.jpg 0\n")
+    assert pack_rec(["bin", str(pairs), "-o", str(tmp_path / "p.bin")]) == 2
+    err = capsys.readouterr().err
+    missing = display_path(tmp_path / "imgs" / "id_000" / "07.jpg")
+    assert f"{pairs}: line 2: image not found: looked for {missing}" in err, err
+    assert f"the pairs file's folder {pairs.parent}; pass --root DIR" in err
+    assert pack_rec(["bin", str(pairs), "-o", str(tmp_path / "p.bin"), "--root",
+                     str(tmp_path / "a" / "b")]) == 2
+    err = capsys.readouterr().err
+    looked = display_path(tmp_path / "a" / "imgs" / "id_000" / "00.jpg")
+    assert f"line 1: image not found: looked for {looked}" in err, err
+    assert f"--root {tmp_path / 'a' / 'b'}" in err, err
+    assert not (tmp_path / "p.bin").exists()

@@ -5,6 +5,7 @@ CLI, and "not trivial": raw-pixel cosine does not already verify held-out identi
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ from recordio_tools import synth
 from recordio_tools.align import ARCFACE_TEMPLATE_112, align_face, estimate_similarity
 from recordio_tools.cli import main as pack_rec_main
 from recordio_tools.cli import read_pairs
+from recordio_tools.verification_bin import load_bin
 
 
 def test_render_is_deterministic_and_independent_of_render_order():
@@ -158,7 +160,8 @@ def test_pairs_files_are_balanced_and_read_back_by_pack_rec(tmp_path, fmt):
     root = tmp_path / "heldout"
     synth.generate_folder(root, 6, 4, seed=3, first_identity=100, progress=False)
     path = synth.write_pairs(tmp_path / "pairs.txt", root, range(100, 106), 40, seed=3, fmt=fmt)
-    pairs, issame = read_pairs(path, root, pairs_format=fmt)
+    # list-style paths are relative to the pairs file's folder; LFW names are looked up in the image folder
+    pairs, issame = read_pairs(path, root if fmt == "lfw" else path.parent, pairs_format=fmt)
     assert len(pairs) == 40 and sum(issame) == 20
     for (first, second), same in zip(pairs, issame):
         assert first.is_file() and second.is_file() and first != second
@@ -189,7 +192,7 @@ def test_pack_rec_synth_cli_end_to_end(tmp_path, capsys):
     assert code == 0
     assert "12 images of 4 identities" in capsys.readouterr().out
     assert len(list(out.rglob("*.jpg"))) == 12
-    assert len(read_pairs(pairs_file, out)[0]) == 10
+    assert len(read_pairs(pairs_file, pairs_file.parent)[0]) == 10
     # Images come out of pack_rec's own folder scan as 4 classes of 3 (marker file ignored).
     from recordio_tools.images import scan_folder
 
@@ -212,3 +215,28 @@ def test_every_file_name_is_what_the_layout_helpers_say():
     assert synth.identity_name(123) == "id_000123" and synth.identity_name(1234567) == "id_1234567"
     assert synth.image_name(5, 0) == "id_000005_0001.jpg"
     assert Path(synth.image_name(5, 9)).stem.rsplit("_", 1)[1] == "0010"
+
+
+@pytest.mark.parametrize("fmt", ["list", "lfw"])
+def test_synth_pairs_feed_pack_rec_bin_as_printed(tmp_path, capsys, fmt):
+    """`pack_rec synth --pairs` writes list-style paths relative to the pairs file's folder, where
+    `pack_rec bin` resolves them by default: its own suggested command (no --root for the list style,
+    --root OUT for LFW names) builds a pack whose images are exactly the files the pairs name."""
+    out = tmp_path / "data" / "faces_val"
+    pairs_file = tmp_path / "data" / "faces_val_pairs.txt"
+    assert pack_rec_main(["synth", "--out", str(out), "--identities", "3", "--images-per-identity", "3",
+                          "--first-identity", "7", "--pairs", "20", "--pairs-format", fmt, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    command = shlex.split(printed.split("verification pack: ", 1)[1].strip())
+    assert command[:4] == ["pack_rec", "bin", str(pairs_file), str(tmp_path / "data" / "faces_val.bin")]
+    assert ("--root" in command) == (fmt == "lfw")
+    if fmt == "list":
+        first_line = pairs_file.read_text().splitlines()[0].split()
+        assert first_line[0].startswith("faces_val/id_0000")
+    assert pack_rec_main(command[1:]) == 0
+    bins, issame = load_bin(tmp_path / "data" / "faces_val.bin")
+    pairs, expected_same = read_pairs(pairs_file, out if fmt == "lfw" else pairs_file.parent)
+    assert issame == expected_same and len(bins) == 40
+    # 112x112 JPEGs are stored byte for byte: every entry is the named file
+    assert bins == [path.read_bytes() for pair in pairs for path in pair]
+    assert all(path.is_relative_to(out) for pair in pairs for path in pair)
