@@ -170,6 +170,9 @@ class LossConfig(_Section):
                                          "(batch-hard with log(1 + exp(d_ap - d_an)))")
     triplet_distance: str = _f("squared", "triplet: 'squared' Euclidean (FaceNet) or 'euclidean' (Hermans "
                                           "et al.'s choice for batch-hard)")
+    triplet_normalize: bool = _f(True, "triplet: L2-normalise the embeddings (FaceNet); false = raw "
+                                       "embeddings, as Hermans et al. train batch-hard (which can collapse "
+                                       "on the sphere from a poor start, docs/losses.md)")
     contrastive_margin: float = _f(1.0, "contrastive, softmax+contrastive: different-identity pairs closer "
                                         "than this Euclidean distance of unit embeddings (0..2) are pushed "
                                         "apart")

@@ -35,6 +35,8 @@ CASES: dict[str, list[str]] = {
                                    "loss.triplet_margin=0.3"],
     "triplet/batch_hard": ["loss.kind=triplet", "loss.triplet_mining=batch_hard",
                            "loss.triplet_distance=euclidean", "loss.triplet_margin=0.3"],
+    "triplet/batch_hard/raw": ["loss.kind=triplet", "loss.triplet_mining=batch_hard",
+                               "loss.triplet_distance=euclidean", "loss.triplet_normalize=false"],
     "triplet/soft_margin": ["loss.kind=triplet", "loss.triplet_mining=soft_margin"],
     "contrastive": ["loss.kind=contrastive", "loss.contrastive_margin=1.2"],
     "lifted": ["loss.kind=lifted", "loss.lifted_margin=1.0"],
@@ -60,6 +62,8 @@ def dense_reference(name: str, x: torch.Tensor, y: torch.Tensor,
         loss = L.triplet_loss(x, y, 0.2 if squared else 0.3, mining="semihard", squared=squared)
     elif name == "triplet/batch_hard":
         loss = L.batch_hard_triplet_loss(x, y, 0.3, squared=False, normalize=True)
+    elif name == "triplet/batch_hard/raw":
+        loss = L.batch_hard_triplet_loss(x, y, 0.2, squared=False, normalize=False)
     elif name == "triplet/soft_margin":
         loss = L.batch_hard_triplet_loss(x, y, squared=True, soft_margin=True, normalize=True)
     elif name == "contrastive":

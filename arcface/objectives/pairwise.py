@@ -211,7 +211,8 @@ class _GlobalBatchObjective(Objective):
 
 @register_objective
 class TripletObjective(_GlobalBatchObjective):
-    """FaceNet triplet loss on L2-normalised embeddings with online mining over the global batch.
+    """FaceNet triplet loss on L2-normalised (or, ``normalize=False``, raw) embeddings with online mining
+    over the global batch.
 
     ``semihard`` (FaceNet): every anchor-positive pair ``(a, p)`` of the global batch gets the closest
     negative with ``d(a,p) < d(a,n) < d(a,p) + margin``; pairs without one are skipped; loss = mean over
@@ -224,23 +225,25 @@ class TripletObjective(_GlobalBatchObjective):
 
     kind = "triplet"
 
-    def __init__(self, margin: float = 0.2, mining: str = "semihard", squared: bool = True, *,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, margin: float = 0.2, mining: str = "semihard", squared: bool = True,
+                 normalize: bool = True, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(rank, world_size)
         if mining not in TRIPLET_MINING:
             raise ValueError(f"loss.triplet_mining must be one of {TRIPLET_MINING}, got {mining!r}")
         if not margin > 0:
             raise ValueError(f"loss.triplet_margin must be > 0, got {margin}")
         self.margin, self.mining, self.squared = float(margin), mining, bool(squared)
+        self.normalize = bool(normalize)
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, rank: int, world_size: int,
                     device: torch.device) -> TripletObjective:
-        return cls(cfg.loss.triplet_margin, cfg.loss.triplet_mining, cfg.loss.triplet_distance == "squared",
-                   rank=rank, world_size=world_size)
+        loss = cfg.loss
+        return cls(loss.triplet_margin, loss.triplet_mining, loss.triplet_distance == "squared",
+                   loss.triplet_normalize, rank=rank, world_size=world_size)
 
     def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        batch = gather_global_batch(embeddings, labels, normalize=True)
+        batch = gather_global_batch(embeddings, labels, normalize=self.normalize)
         dist2 = batch.squared_distances()
         dist = dist2 if self.squared else euclidean(dist2)
         positive, negative = batch.masks()
@@ -290,8 +293,9 @@ class TripletObjective(_GlobalBatchObjective):
         distance = "squared Euclidean" if self.squared else "Euclidean"
         rule = {"semihard": "semi-hard negatives (FaceNet)", "batch_hard": "batch-hard (TriHard)",
                 "soft_margin": "batch-hard, soft margin"}[self.mining]
+        embeddings = "L2-normalised" if self.normalize else "raw"
         return (f"triplet loss over the global batch: {rule}, margin {self.margin:g} on {distance} distances "
-                "of L2-normalised embeddings (needs several images per identity in each global batch)")
+                f"of {embeddings} embeddings (needs several images per identity in each global batch)")
 
 
 # ----------------------------------------------------------------------------------------------------
