@@ -237,6 +237,18 @@ def test_the_objectives_learn_something_from_the_test_batch(one_process: dict) -
         assert ours["loss"].item() > 0 and ours["grad"].abs().max() > 1e-3, name
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_non_finite_embedding_makes_the_loss_non_finite(name: str) -> None:
+    """Mining may leave a NaN row out of every term, but the gradient is NaN anyway: the loss must say so,
+    so that the loop skips the update."""
+    from arcface.objectives import build_objective
+
+    x, y = make_batch(24, seed=5)
+    x[3] = math.nan
+    objective = build_objective(objective_cfg(name), NUM_CLASSES, 0, 1, torch.device("cpu"))
+    assert not torch.isfinite(objective(x, y))
+
+
 def test_distance_weighted_draws_follow_the_reference_probabilities() -> None:
     """Identity 0: 41 images at one point (1640 anchor-positive pairs with identical rows); 5 negatives at
     distances 0.6 .. 1.3. Three steps = 4920 draws from one distribution: the frequencies must match

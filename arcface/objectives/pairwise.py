@@ -166,9 +166,14 @@ class _GlobalValue(torch.autograd.Function):
         return grad_output, None
 
 
-def global_loss(partial: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """The global ``value`` whose gradient is that of this rank's ``partial`` loss (see the module doc)."""
-    return _GlobalValue.apply(partial, value)
+def global_loss(partial: torch.Tensor, value: torch.Tensor, batch: GlobalBatch) -> torch.Tensor:
+    """The global ``value`` whose gradient is that of this rank's ``partial`` loss (see the module doc).
+
+    A non-finite embedding anywhere in the global batch makes the value non-finite on every rank (mining
+    may leave that row out of every term, but its gradient is NaN anyway), so the loop skips the update
+    as it does for the margin softmax; for finite embeddings the value is unchanged (``+ 0.0``)."""
+    poison = batch.total.detach().sum().to(torch.float64) * 0.0
+    return _GlobalValue.apply(partial, value + poison)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -261,7 +266,7 @@ class TripletObjective(_GlobalBatchObjective):
         partial = _ratio(terms.sum(), num_terms.to(terms.dtype)) + batch.graph_zero()
         self._log(positive_pairs=batch.positive_pairs(), triplets=num_terms,
                   active_triplets=_ratio(num_active, num_candidates))
-        return global_loss(partial, _ratio(total_sum, num_terms))
+        return global_loss(partial, _ratio(total_sum, num_terms), batch)
 
     def _semihard(self, dist: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,7 +344,7 @@ class ContrastiveObjective(_GlobalBatchObjective):
         partial = (_ratio(positive_sum, num_pos.to(dtype)) + _ratio(negative_sum, num_neg.to(dtype))
                    + batch.graph_zero())
         self._log(positive_pairs=batch.positive_pairs(), active_negatives=_ratio(num_active, num_neg))
-        return global_loss(partial, _ratio(pos_total, num_pos) + _ratio(neg_total, num_neg))
+        return global_loss(partial, _ratio(pos_total, num_pos) + _ratio(neg_total, num_neg), batch)
 
     def describe(self) -> str:
         return (f"contrastive loss over all pairs of the global batch, margin {self.margin:g} on "
@@ -398,7 +403,7 @@ class LiftedStructuredObjective(_GlobalBatchObjective):
         graph_zero = batch.graph_zero() + torch.where(has_negative, lse, torch.zeros_like(lse)).sum() * 0.0
         partial = terms.sum() / denominator.to(dist.dtype) + graph_zero
         self._log(positive_pairs=batch.positive_pairs(), active_pairs=_ratio(num_active, num_pairs))
-        return global_loss(partial, total_sum / denominator)
+        return global_loss(partial, total_sum / denominator, batch)
 
     def describe(self) -> str:
         return (f"lifted structured loss over the global batch, margin {self.margin:g} on raw embeddings "
@@ -523,7 +528,7 @@ class MarginObjective(_GlobalBatchObjective):
         value = _ratio(total_sum, active) + self.nu * beta_value * has_triplets
         self._log(positive_pairs=batch.positive_pairs(), triplets=num_triplets,
                   active_pairs=_ratio(active, 2.0 * num_triplets), beta=self.beta.detach().sum())
-        return global_loss(partial, value)
+        return global_loss(partial, value, batch)
 
     def build_optimizer(self, cfg: Any, lr: float) -> torch.optim.Optimizer:
         """Plain SGD with momentum for beta, no weight decay (decay would pull the boundary towards 0). The
