@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "TRIPLET_MINING",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -42,6 +42,7 @@ MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-s
                 "adaface", "curricularface")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
 OBJECTIVE_KINDS = ("margin_softmax", "triplet", "contrastive", "lifted", "margin", "softmax+contrastive")
+# loss.triplet_mining (arcface.objectives.pairwise.TripletObjective)
 TRIPLET_MINING = ("semihard", "batch_hard", "soft_margin")
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
 # (m1 = 1 SphereFace multiplicative angular, m2 = 0 ArcFace additive angular, m3 = 0 CosFace additive
