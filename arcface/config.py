@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "TRIPLET_MINING",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -41,7 +41,9 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
-OBJECTIVE_KINDS = ("margin_softmax",)
+OBJECTIVE_KINDS = ("margin_softmax", "triplet", "contrastive", "lifted", "margin", "softmax+contrastive")
+# loss.triplet_mining (arcface.objectives.pairwise.TripletObjective)
+TRIPLET_MINING = ("semihard", "batch_hard", "soft_margin")
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
 # (m1 = 1 SphereFace multiplicative angular, m2 = 0 ArcFace additive angular, m3 = 0 CosFace additive
 # cosine). A mismatch is an error rather than a silent override, so a recipe never says one thing and
@@ -145,7 +147,9 @@ class BackboneConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """Margin softmax: logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target class."""
+    """The training objective (``kind``) and its settings: the margin softmax (logits
+    ``scale * (cos(m1 * theta + m2) - m3)`` at the target class, also the identification part of
+    ``softmax+contrastive``) and the pair / triplet losses over the global batch (docs/losses.md)."""
 
     _name: ClassVar[str] = "loss"
     kind: str = _f("margin_softmax", "training objective (arcface.objectives): " + ", ".join(OBJECTIVE_KINDS))
@@ -158,6 +162,33 @@ class LossConfig(_Section):
                                 "or 'straight_through'")
     interclass_filtering_threshold: float = _f(0.0, "ignore negatives whose cosine exceeds this (likely "
                                                     "label noise); 0 = off")
+    triplet_margin: float = _f(0.2, "triplet: margin alpha of max(d(a,p) - d(a,n) + alpha, 0) (FaceNet: 0.2 "
+                                    "on squared distances of unit embeddings; unused by soft_margin)")
+    triplet_mining: str = _f("semihard", "triplet: 'semihard' (FaceNet: every anchor-positive pair of the "
+                                         "global batch with its closest negative farther than the positive "
+                                         "but inside the margin), 'batch_hard' (TriHard: per anchor the "
+                                         "farthest positive and closest negative) or 'soft_margin' "
+                                         "(batch-hard with log(1 + exp(d_ap - d_an)))")
+    triplet_distance: str = _f("squared", "triplet: 'squared' Euclidean (FaceNet) or 'euclidean' (Hermans "
+                                          "et al.'s choice for batch-hard)")
+    triplet_normalize: bool = _f(True, "triplet: L2-normalise the embeddings (FaceNet); false = raw "
+                                       "embeddings, as Hermans et al. train batch-hard (which can collapse "
+                                       "on the sphere from a poor start, docs/losses.md)")
+    contrastive_margin: float = _f(1.0, "contrastive, softmax+contrastive: different-identity pairs closer "
+                                        "than this Euclidean distance of unit embeddings (0..2) are pushed "
+                                        "apart")
+    joint_weight: float = _f(0.05, "softmax+contrastive: weight lambda of the verification (contrastive) "
+                                   "signal next to the identification softmax (DeepID2: 0.05)")
+    lifted_margin: float = _f(1.0, "lifted: margin alpha of the lifted structured loss on raw embeddings "
+                                   "(Song et al.: 1.0)")
+    margin_alpha: float = _f(0.2, "margin: alpha, the margin on each side of the boundary beta (Wu et al.: "
+                                  "0.2)")
+    margin_beta_init: float = _f(1.2, "margin: initial value of the learnable boundary beta between "
+                                      "positive and negative distances of unit embeddings (Wu et al.: 1.2)")
+    margin_beta_lr: float = _f(0.1, "margin: learning rate of beta (SGD with optim.momentum) at the "
+                                    "schedule's peak, following its warmup and decay; 0 = beta fixed "
+                                    "(Wu et al.'s code: 0.1)")
+    margin_nu: float = _f(0.0, "margin: weight nu of the regulariser nu * beta (Wu et al.'s code: 0)")
 
     def __post_init__(self) -> None:
         _choice(self._key("kind"), self.kind, OBJECTIVE_KINDS)
@@ -168,6 +199,20 @@ class LossConfig(_Section):
                self.m2)
         _check(0.0 <= self.m3 < 1.0, self._key("m3"), "(CosFace cosine margin) must be in [0, 1)", self.m3)
         _choice(self._key("gradient"), self.gradient, ("exact", "straight_through"))
+        _check(self.triplet_margin > 0, self._key("triplet_margin"), "must be > 0", self.triplet_margin)
+        _choice(self._key("triplet_mining"), self.triplet_mining, TRIPLET_MINING)
+        _choice(self._key("triplet_distance"), self.triplet_distance, ("squared", "euclidean"))
+        _check(self.contrastive_margin > 0, self._key("contrastive_margin"), "must be > 0",
+               self.contrastive_margin)
+        _check(self.joint_weight > 0, self._key("joint_weight"),
+               "must be > 0 (loss.kind = 'margin_softmax' is the softmax alone)", self.joint_weight)
+        _check(self.lifted_margin > 0, self._key("lifted_margin"), "must be > 0", self.lifted_margin)
+        _check(self.margin_alpha > 0, self._key("margin_alpha"), "must be > 0", self.margin_alpha)
+        _check(0.0 < self.margin_beta_init < 2.0, self._key("margin_beta_init"),
+               "must be in (0, 2) (a distance between unit vectors)", self.margin_beta_init)
+        _check(self.margin_beta_lr >= 0, self._key("margin_beta_lr"), "must be >= 0 (0 = fixed beta)",
+               self.margin_beta_lr)
+        _check(self.margin_nu >= 0, self._key("margin_nu"), "must be >= 0", self.margin_nu)
         _check(0.0 <= self.interclass_filtering_threshold < 1.0, self._key("interclass_filtering_threshold"),
                "must be in [0, 1)", self.interclass_filtering_threshold)
         free = _PRESET_FREE.get(self.margin)
