@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arcface import preprocess
-from arcface.checkpoint import CheckpointError, save_backbone_checkpoint
+from arcface.checkpoint import CheckpointError, load_initial_weights, save_backbone_checkpoint
 from arcface.config import TrainConfig, load_config
 from arcface.distributed import (
     DistContext,
@@ -149,9 +149,10 @@ def _init_distributed(cfg: TrainConfig) -> DistContext:
 
 
 def _build_backbone(cfg: TrainConfig) -> nn.Module:
+    from arcface.checkpoint import backbone_kwargs
     from backbones import create_backbone
 
-    kwargs = {"embedding_size": cfg.backbone.embedding_size, "dropout": cfg.backbone.dropout}
+    _, kwargs = backbone_kwargs(cfg.to_dict())  # the same arguments load_backbone rebuilds it with
     if cfg.backbone.gradient_checkpointing:
         kwargs["gradient_checkpointing"] = True
     return create_backbone(cfg.backbone.name, **kwargs)
@@ -232,6 +233,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     # anyway); the FC initialisation is independent of W by construction (arcface.partial_fc).
     seed_everything(cfg.runtime.seed)
     backbone = (backbone_factory or _build_backbone)(cfg).to(device)
+    init_note = ""
+    if cfg.backbone.init_from:  # fine-tuning: pretrained weights (ours or arcface_torch's), a fresh FC
+        init_note = load_initial_weights(backbone, cfg.backbone.init_from, cfg.to_dict()["backbone"])
     if cfg.runtime.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     # Per-rank streams from here on (dropout masks differ between ranks, as they would in one big batch).
@@ -297,6 +301,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                 f"global batch {cfg.global_batch_size(world_size)}, base lr {base_lr:.6g}, "
                 f"{total_steps} updates ({steps_per_epoch} per epoch), FC rows on this rank "
                 f"{pfc.partition.num_local} (sampled {pfc.num_sample})")
+    if init_note:
+        logger.info(init_note)
     logger.info(resume_note or "starting a fresh run")
     if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         logger.info("tip: on CPU, THP_MEM_ALLOC_ENABLE=1 (set by ./run.sh) backs large tensors with huge "

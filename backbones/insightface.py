@@ -355,9 +355,11 @@ def convert_insightface_state_dict(state: Mapping[str, torch.Tensor], arch: str 
             f"{source}: not an arcface_torch IResNet or MobileFaceNet state dict (keys such as "
             f"{', '.join(keys[:_SHOWN])}); closest supported architecture: {closest}")
     if wanted is not None and _family_of_name(wanted) != family:
-        raise InsightFaceWeightsError(f"{source}: holds an arcface_torch "
-                                      f"{'MobileFaceNet' if family == 'mobilefacenet' else 'IResNet'}, "
-                                      f"not {wanted}")
+        try:
+            held = "{2} ({0})".format(*_detect(state, family, source))
+        except InsightFaceWeightsError:
+            held = "MobileFaceNet" if family == "mobilefacenet" else "IResNet"
+        raise InsightFaceWeightsError(f"{source}: holds an arcface_torch {held}, not {wanted}")
     try:
         name, kwargs, their_name = _detect(state, family, source)
     except InsightFaceWeightsError as exc:

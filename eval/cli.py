@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arcface-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (or run folder: latest checkpoint) or .onnx file")
+    p.add_argument("--arch", default=None, help="architecture of an arcface_torch weights file given as "
+                   "--model (backbone.pth, model.pt): r18 r34 r50 r100 r200 mbf mbf_large; optional, a check "
+                   "(the file's keys and shapes name it)")
     p.add_argument("--output", required=True, help="folder for report.md, report.json, PNGs, caches")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -78,9 +81,9 @@ def _model_fingerprint(model: str, flip: bool) -> dict:
     """What identifies the features a model produces: resolved weights file, its size and mtime, flip."""
     path = Path(model)
     if path.suffix != ".onnx":
-        from arcface.checkpoint import BACKBONE_FILE, resolve_checkpoint_dir
+        from arcface.checkpoint import weights_file
 
-        path = resolve_checkpoint_dir(path) / BACKBONE_FILE
+        path = weights_file(path)
     stat = path.stat()
     return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "flip": flip}
 
@@ -195,7 +198,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     embedder = (build_embedder(args.model, device=args.device, batch_size=args.batch_size,
-                               flip=not args.no_flip) if args.model else None)
+                               flip=not args.no_flip, arch=args.arch) if args.model else None)
     verification_results = []
     for name, path in packs:
         pack = verification.load_pack(path, name, check_count=not args.no_count_check)

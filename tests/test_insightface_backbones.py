@@ -106,7 +106,7 @@ def test_arch_argument_asserts_what_the_file_holds() -> None:
     assert convert_insightface_state_dict(state, arch="iresnet18").name == "r18"
     with pytest.raises(InsightFaceWeightsError, match=r"holds an arcface_torch r18 .*not r100"):
         convert_insightface_state_dict(state, arch="r100")
-    with pytest.raises(InsightFaceWeightsError, match=r"holds an arcface_torch IResNet, not mobilefacenet"):
+    with pytest.raises(InsightFaceWeightsError, match=r"arcface_torch r18 \(r18\), not mobilefacenet"):
         convert_insightface_state_dict(state, arch="mbf")
     with pytest.raises(InsightFaceWeightsError, match=r"arch 'vit_t'.*unknown backbone"):
         convert_insightface_state_dict(state, arch="vit_t")
