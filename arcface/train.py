@@ -64,6 +64,7 @@ from arcface.logging_utils import MetricLogger
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
 from arcface.partial_fc import PartialFC
 from arcface.partition import ClassPartition
+from arcface.run_import import import_configured_run
 from arcface.train_state import (
     CHECKPOINTS_DIR,
     TrainingState,
@@ -262,6 +263,11 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
 
     # ---------------------------------------------------------------- resume
     state = TrainingState()
+    # Another trainer's run named by the config (output.resume_from_insightface) is imported once, as this
+    # run's first checkpoint; the resume below then loads it like any other (arcface.run_import).
+    import_note = import_configured_run(cfg, checkpoints_dir, num_images=loader.num_images,
+                                        num_classes=loader.num_classes, loader_state=loader.state_dict(),
+                                        rank=rank, world_size=world_size)
     # Rank 0 decides, everyone follows: ranks never disagree on where they resume from.
     resume_path = broadcast_object(str(find_resume_checkpoint(cfg.output.resume, output_dir) or "")
                                    if rank == 0 else None)
@@ -301,8 +307,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                 f"global batch {cfg.global_batch_size(world_size)}, base lr {base_lr:.6g}, "
                 f"{total_steps} updates ({steps_per_epoch} per epoch), FC rows on this rank "
                 f"{pfc.partition.num_local} (sampled {pfc.num_sample})")
-    if init_note:
-        logger.info(init_note)
+    for note in (init_note, import_note):
+        if note:
+            logger.info(note)
     logger.info(resume_note or "starting a fresh run")
     if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         logger.info("tip: on CPU, THP_MEM_ALLOC_ENABLE=1 (set by ./run.sh) backs large tensors with huge "

@@ -71,13 +71,15 @@ class InsightFaceWeightsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class InsightFaceBackbone:
     """An arcface_torch state dict converted for the registry: ``create_backbone(name, **kwargs)`` then
-    ``load_state_dict(state_dict)`` rebuilds it. ``arch`` is arcface_torch's name (``r100``, ``mbf``, ...)."""
+    ``load_state_dict(state_dict)`` rebuilds it. ``arch`` is arcface_torch's name (``r100``, ``mbf``, ...);
+    ``key_map`` maps each arcface_torch key to its registry key (e.g. for optimiser state by name)."""
 
     name: str
     kwargs: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     arch: str
     source: str
+    key_map: dict[str, str] = dataclasses.field(default_factory=dict)  # arcface_torch key -> registry key
 
     def describe(self) -> str:
         extra = {k: v for k, v in self.kwargs.items() if k != "embedding_size"}
@@ -396,7 +398,8 @@ def convert_insightface_state_dict(state: Mapping[str, torch.Tensor], arch: str 
         closest = _closest(state, int(kwargs["embedding_size"]))
         raise InsightFaceWeightsError(f"{source}: does not load strictly as arcface_torch {their_name}: "
                                       f"{'; '.join(problems)}; closest supported architecture: {closest}")
-    return InsightFaceBackbone(name, kwargs, converted, their_name, source)
+    return InsightFaceBackbone(name, kwargs, converted, their_name, source,
+                               {key: target for key, target in targets.items() if target is not None})
 
 
 def load_insightface_backbone(path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor],
