@@ -500,18 +500,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="arcface-train",
         description="Train a face-recognition backbone with ArcFace and a sharded Partial FC. Launch with "
                     "torchrun for several processes (see docs/training.md).")
-    parser.add_argument("config",
+    parser.add_argument("config", nargs="?",
                         help="recipe: a .toml/.json path or a name from configs/ (e.g. ms1mv2_r100)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fc.sample_rate=0.1 optim.lr=0.2")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop (with a checkpoint) after this many updates in total, without changing "
                              "the schedule (e.g. to fit a job's time slot; resume later)")
-    return parser.parse_args(argv)
+    parser.add_argument("--from-insightface-config", metavar="FILE", default=None,
+                        help="print an arcface_torch config file (configs/*.py, read, never executed) as a "
+                             "TOML recipe of this trainer, list what was not translated, and exit")
+    parser.add_argument("--insightface-gpus", type=int, default=8, metavar="N",
+                        help="with --from-insightface-config: the GPU count the arcface_torch config's lr "
+                             "was meant for (default 8)")
+    args = parser.parse_args(argv)
+    if args.config is None and args.from_insightface_config is None:
+        parser.error("the following arguments are required: config")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """``arcface-train`` / ``[torchrun] python -m arcface.train``: returns the process exit code."""
     args = _parse_args(argv)
+    if args.from_insightface_config is not None:
+        from arcface.insightface_config import main as translate_insightface_config
+
+        return translate_insightface_config(args.from_insightface_config, gpus=args.insightface_gpus)
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as exc:
