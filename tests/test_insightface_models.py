@@ -53,8 +53,9 @@ def test_export_of_an_arcface_torch_file_reproduces_arcface_torch(mbf_file: Path
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["embedding"], {"input": golden_input().numpy()})[0]
     reference = golden_embeddings("mbf").numpy()
-    # BatchNorm folded into the convolutions: the deployment parity tolerance, 1e-4 of the output scale.
-    assert np.abs(got - reference).max() <= export.PARITY_MAX_ABS_REL * np.abs(reference).max()
+    # BatchNorm folded into the graph changes float32 summation order only: the same 1e-5 of the output
+    # scale as the PyTorch model (measured 3e-7).
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
 def test_export_refuses_a_wrong_arch_and_a_bad_file(mbf_file: Path, tmp_path: Path,
