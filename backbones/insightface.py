@@ -59,8 +59,7 @@ __all__ = ["InsightFaceWeightsError", "InsightFaceBackbone", "SUPPORTED_ARCHS", 
 
 # Registry names of the architectures arcface_torch's ``get_model`` builds that exist here.
 SUPPORTED_ARCHS = ("r18", "r34", "r50", "r100", "r200", "mobilefacenet", "mobilefacenet_large")
-# What the mapped keys are for: enough to name the file's content in an error message.
-_RUN_CHECKPOINT_KEY = "state_dict_backbone"
+_RUN_CHECKPOINT_KEY = "state_dict_backbone"  # the backbone inside a run's checkpoint_gpu_{rank}.pt
 _SHOWN = 6  # keys listed per kind in an error message
 
 
@@ -110,9 +109,9 @@ def read_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
             raise InsightFaceWeightsError(
                 f"{path}: refused: the file holds Python objects other than tensors and plain containers, "
                 f"and unpickling them could run code; it was not loaded ({refused})") from None
-        detail = next((line.split("WeightsUnpickler error:")[-1].strip() or nxt
-                       for line, nxt in zip(lines, lines[1:] + [""]) if "WeightsUnpickler error" in line),
-                      lines[0] if lines else type(exc).__name__)
+        text, marker = str(exc), "WeightsUnpickler error:"
+        after = text.split(marker, 1)[1].strip().splitlines() if marker in text else []
+        detail = after[0] if after else (lines[0] if lines else type(exc).__name__)
         raise InsightFaceWeightsError(f"{path}: not a PyTorch weights file ({detail})") from None
     except Exception as exc:  # truncated zip, bad header, wrong format
         raise InsightFaceWeightsError(f"{path}: cannot read: not a complete PyTorch file (truncated or "
