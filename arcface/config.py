@@ -126,23 +126,36 @@ class BackboneConfig(_Section):
     """The embedding network (read back by ``arcface.checkpoint.load_backbone``)."""
 
     _name: ClassVar[str] = "backbone"
-    name: str = _f("r100", "registered backbone: r18 r34 r50 r100 (LResNet100E-IR) r200 mobilefacenet")
+    name: str = _f("r100", "registered backbone: r18 r34 r50 r100 (LResNet100E-IR) r200 mobilefacenet (mbf) "
+                           "mobilefacenet_large (mbf_large) mobilefacenet_s")
     embedding_size: int = _f(512, "embedding dimension D")
     dropout: float = _f(0.0, "dropout of the E head (BN-Dropout-FC-BN)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    width: int = _f(0, "MobileFaceNet channel multiplier (arcface_torch's `scale`); 0 = the network's own")
+    blocks: list[int] = _f([], "MobileFaceNet units per stage, 4 numbers (arcface_torch's `blocks`); [] = "
+                               "the network's own")
+    init_from: str = _f("", "start from these backbone weights: a checkpoint of ours or an arcface_torch "
+                            "backbone.pth / model.pt / checkpoint_gpu_0.pt (the FC starts fresh); empty = "
+                            "random initialisation")
 
     def __post_init__(self) -> None:
         _check(bool(self.name), self._key("name"), "must name a backbone", self.name)
         _check(self.embedding_size > 0, self._key("embedding_size"), "must be > 0", self.embedding_size)
         _check(0.0 <= self.dropout < 1.0, self._key("dropout"), "must be in [0, 1)", self.dropout)
+        _check(self.width >= 0, self._key("width"), "must be >= 0 (0 = the network's own)", self.width)
+        _check(not self.blocks or (len(self.blocks) == 4 and all(b >= 1 for b in self.blocks)),
+               self._key("blocks"), "must be [] or 4 unit counts >= 1", self.blocks)
         try:  # the registry needs torch; skip the check only where backbones cannot be imported at all
             from backbones import canonical_name
         except ImportError:
             return
         try:  # aliases such as "LResNet100E-IR" or "iresnet100" are resolved by the registry
-            canonical_name(self.name)
+            name = canonical_name(self.name)
         except ValueError as exc:
             raise ValueError(f"backbone.name: {exc}") from None
+        if (self.width or self.blocks) and not name.startswith("mobilefacenet"):
+            raise ValueError(f"backbone.width / backbone.blocks apply to MobileFaceNet backbones, not "
+                             f"{self.name!r} (got width {self.width}, blocks {self.blocks})")
 
 
 @dataclass
@@ -389,6 +402,9 @@ class OutputConfig(_Section):
     resume: str = _f("auto", "'auto' (latest complete checkpoint in output.dir, if any), 'none', or a "
                              "checkpoint path")
     tensorboard: bool = _f(True, "write TensorBoard scalars")
+    resume_from_insightface: str = _f("", "continue an arcface_torch run: its folder of checkpoint_gpu_*.pt "
+                                          "(any world size), imported once into output.dir/checkpoints, "
+                                          "from where later restarts resume; needs output.resume = 'auto'")
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), self._key("dir"), "must not be empty", self.dir)
@@ -396,6 +412,10 @@ class OutputConfig(_Section):
                self.checkpoint_every)
         _check(self.keep_last >= 1, self._key("keep_last"), "must be >= 1", self.keep_last)
         _check(bool(self.resume), self._key("resume"), "must be 'auto', 'none' or a path", self.resume)
+        if self.resume_from_insightface:
+            _check(self.resume == "auto", self._key("resume"), "must be 'auto' with "
+                   "output.resume_from_insightface (the imported run becomes this run's first checkpoint)",
+                   self.resume)
 
 
 _SECTIONS: dict[str, type] = {cls._name: cls for cls in (
@@ -419,6 +439,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Cross-section checks; each section has validated itself already.
+        if self.backbone.init_from and self.output.resume_from_insightface:
+            raise ValueError("backbone.init_from and output.resume_from_insightface are both set: start from "
+                             "pretrained weights with a new FC, or continue a run, not both")
         if self.fc.sample_rate < 1.0 and self.loss.margin in ("adaface", "curricularface"):
             # Their batch statistics are reduced over the classes a rank sees; sampling would bias them.
             raise ValueError(f"fc.sample_rate must be 1.0 with loss.margin = {self.loss.margin!r} (its batch "

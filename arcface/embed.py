@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", help="folder of images (recursive) or a list file (one path per line)")
     parser.add_argument("-o", "--output", required=True,
                         help="OUT.npy; also writes OUT.index.txt (row -> image) and OUT.json")
+    parser.add_argument("--arch", default=None,
+                        help="the model may also be an arcface_torch weights file (backbone.pth, "
+                             "model.pt); --arch r18|r34|r50|r100|r200|mbf|mbf_large checks its architecture "
+                             "(optional: the file's keys and shapes name it)")
     parser.add_argument("--root", default=None, help="base folder of relative paths in a list file "
                                                      "(default: the list's folder)")
     parser.add_argument("--align-landmarks", default=None, metavar="FILE",
@@ -223,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         landmarks = read_landmarks(args.align_landmarks) if args.align_landmarks else None
         try:
             embedder = build_embedder(args.model, device=args.device, batch_size=args.batch_size,
-                                      flip=args.flip_sum)
+                                      flip=args.flip_sum, arch=args.arch)
         except FileNotFoundError as exc:
             raise EmbedError(str(exc)) from None
         embedding_size = int(embedder.embedding_size)

@@ -743,6 +743,7 @@ class ExportOptions:
     keep_failed: bool = False
     seed: int = 0
     progress: bool = True
+    arch: str | None = None  # checks what an arcface_torch weights file holds (arcface.checkpoint)
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -871,7 +872,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output_dir: str | os.P
     if options.eval_pack and not Path(options.eval_pack).is_file():  # fail before the slow part
         raise FileNotFoundError(f"{options.eval_pack}: verification pack (--eval-pack) not found")
 
-    model, meta = load_backbone(checkpoint, map_location="cpu")
+    model, meta = load_backbone(checkpoint, map_location="cpu", arch=options.arch)
     model = model.float().eval()
     name, kwargs = backbone_kwargs(meta["config"])
     embedding_size = int(kwargs.get("embedding_size") or getattr(model, "embedding_size", 0))
@@ -1044,6 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.require("model", "--model")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory for model.onnx and model.json")
+    parser.add_argument("--arch", default=None,
+                        help="the checkpoint may also be an arcface_torch weights file (backbone.pth, "
+                             "model.pt); --arch r18|r34|r50|r100|r200|mbf|mbf_large checks its architecture "
+                             "(optional: the file's keys and shapes name it)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                         help="torch.onnx exporter: torchscript (dynamo=False) or dynamo (torch.export)")
     parser.add_argument("--opset", type=int, default=None,
@@ -1085,6 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 eval_batch_size=args.eval_batch_size, fp16=args.fp16, int8=args.int8,
                                 overwrite=args.overwrite, keep_failed=args.keep_failed, seed=args.seed,
                                 progress=not args.quiet)
+        options.arch = args.arch
         result = export_checkpoint(args.model, args.output, options)
     except ParityError as exc:
         print(f"arcface-export: parity check FAILED: {exc}", file=sys.stderr)

@@ -33,9 +33,10 @@ import torch
 
 from arcface.fc_optim import ROW_STATE_KEYS, RowAdamW, RowSGD
 from arcface.partial_fc import PartialFC
+from arcface.partition import ClassPartition
 
-__all__ = ["FC_FORMAT_VERSION", "FCCheckpointError", "shard_filename", "save_fc_shard", "load_fc_resharded",
-           "list_fc_shards"]
+__all__ = ["FC_FORMAT_VERSION", "FCCheckpointError", "shard_filename", "save_fc_shard", "write_fc_shard_file",
+           "load_fc_resharded", "list_fc_shards"]
 
 FC_FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^fc_shard_(\d{5})-of-(\d{5})\.pt$")
@@ -78,19 +79,33 @@ def save_fc_shard(directory: str | os.PathLike[str], pfc: PartialFC,
                               if k != "params"} for group in optimizer.param_groups],
             "row_state": {key: value.detach().cpu() for key, value in state.items()},
         }
+    return write_fc_shard_file(directory, part, pfc.weight.detach().cpu(), optimizer_payload,
+                               sampler_rng=pfc.generator.get_state())
+
+
+def write_fc_shard_file(directory: str | os.PathLike[str], partition: ClassPartition, weight: torch.Tensor,
+                        optimizer: dict[str, Any] | None, sampler_rng: torch.Tensor | None = None) -> Path:
+    """Write one shard file from plain tensors (``weight`` ``[num_local, D]`` of ``partition``'s rows,
+    ``optimizer`` as in the module doc). Without ``sampler_rng`` a resumed rank keeps its fresh sampler
+    stream (used for shards imported from another trainer, which saved none)."""
+    directory = Path(directory)
+    if tuple(weight.shape[:1]) != (partition.num_local,) or weight.dim() != 2:
+        raise ValueError(f"weight of shape {list(weight.shape)} is not [{partition.num_local}, D] for rank "
+                         f"{partition.rank} of {partition.world_size}")
     payload = {
         "format_version": FC_FORMAT_VERSION,
-        "num_classes": part.num_classes,
-        "embedding_size": pfc.embedding_size,
-        "world_size": part.world_size,
-        "rank": part.rank,
-        "class_start": part.class_start,
-        "num_local": part.num_local,
-        "weight": pfc.weight.detach().cpu(),
-        "sampler_rng": pfc.generator.get_state(),
-        "optimizer": optimizer_payload,
+        "num_classes": partition.num_classes,
+        "embedding_size": int(weight.shape[1]),
+        "world_size": partition.world_size,
+        "rank": partition.rank,
+        "class_start": partition.class_start,
+        "num_local": partition.num_local,
+        "weight": weight,
+        "optimizer": optimizer,
     }
-    final = directory / shard_filename(part.rank, part.world_size)
+    if sampler_rng is not None:
+        payload["sampler_rng"] = sampler_rng
+    final = directory / shard_filename(partition.rank, partition.world_size)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, final)

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if parsed is None:
         return 2
     args, cfg = parsed
+    if cfg is None:  # --from-insightface-config: a translation, nothing to launch
+        from arcface.train import run_translation
+
+        return run_translation(args)
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

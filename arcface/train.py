@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arcface import preprocess
-from arcface.checkpoint import CheckpointError, save_backbone_checkpoint
+from arcface.checkpoint import CheckpointError, load_initial_weights, save_backbone_checkpoint
 from arcface.config import TrainConfig, load_config
 from arcface.distributed import (
     DistContext,
@@ -65,6 +65,7 @@ from arcface.distributed import (
 from arcface.logging_utils import MetricLogger
 from arcface.objectives import Objective, build_objective
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
+from arcface.run_import import import_configured_run
 from arcface.train_state import (
     CHECKPOINTS_DIR,
     TrainingState,
@@ -160,9 +161,10 @@ def _init_distributed(cfg: TrainConfig) -> DistContext:
 
 
 def _build_backbone(cfg: TrainConfig) -> nn.Module:
+    from arcface.checkpoint import backbone_kwargs
     from backbones import create_backbone
 
-    kwargs = {"embedding_size": cfg.backbone.embedding_size, "dropout": cfg.backbone.dropout}
+    _, kwargs = backbone_kwargs(cfg.to_dict())  # the same arguments load_backbone rebuilds it with
     if cfg.backbone.gradient_checkpointing:
         kwargs["gradient_checkpointing"] = True
     return create_backbone(cfg.backbone.name, **kwargs)
@@ -243,6 +245,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     # anyway); the FC initialisation is independent of W by construction (arcface.partial_fc).
     seed_everything(cfg.runtime.seed)
     backbone = (backbone_factory or _build_backbone)(cfg).to(device)
+    init_note = ""
+    if cfg.backbone.init_from:  # fine-tuning: pretrained weights (ours or arcface_torch's), a fresh FC
+        init_note = load_initial_weights(backbone, cfg.backbone.init_from, cfg.to_dict()["backbone"])
     if cfg.runtime.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     # Per-rank streams from here on (dropout masks differ between ranks, as they would in one big batch).
@@ -262,6 +267,11 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
 
     # ---------------------------------------------------------------- resume
     state = TrainingState()
+    # Another trainer's run named by the config (output.resume_from_insightface) is imported once, as this
+    # run's first checkpoint; the resume below then loads it like any other (arcface.run_import).
+    import_note = import_configured_run(cfg, checkpoints_dir, num_images=loader.num_images,
+                                        num_classes=loader.num_classes, loader_state=loader.state_dict(),
+                                        rank=rank, world_size=world_size)
     # Rank 0 decides, everyone follows: ranks never disagree on where they resume from.
     resume_path = broadcast_object(str(find_resume_checkpoint(cfg.output.resume, output_dir) or "")
                                    if rank == 0 else None)
@@ -304,6 +314,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                 f"{loader.num_images} images of {loader.num_classes} classes from {loader.source}, "
                 f"global batch {cfg.global_batch_size(world_size)}, base lr {base_lr:.6g}, "
                 f"{total_steps} updates ({steps_per_epoch} per epoch); objective: {objective.describe()}")
+    for note in (init_note, import_note):
+        if note:
+            logger.info(note)
     logger.info(resume_note or "starting a fresh run")
     if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         logger.info("tip: on CPU, THP_MEM_ALLOC_ENABLE=1 (set by ./run.sh) backs large tensors with huge "
@@ -530,7 +543,7 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
         description="Train a face-recognition backbone with ArcFace and a sharded Partial FC. Launch with "
                     "torchrun for several processes (see docs/training.md).",
         epilog="example: %(prog)s configs/ms1mv2_r100.toml data.rec=/data/faces_emore runtime.amp=bf16")
-    parser.add_argument("config",
+    parser.add_argument("config", nargs="?",
                         help="recipe: a .toml/.json path or a name from configs/ (e.g. ms1mv2_r100)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides of the recipe, e.g. fc.sample_rate=0.1 optim.lr=0.2")
@@ -540,6 +553,12 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only warnings and errors (train.log and TensorBoard still get "
                              "everything)")
+    parser.add_argument("--from-insightface-config", metavar="FILE", default=None,
+                        help="print an arcface_torch config file (configs/*.py, read, never executed) as a "
+                             "TOML recipe of this trainer, list what was not translated, and exit")
+    parser.add_argument("--insightface-gpus", type=int, default=8, metavar="N",
+                        help="with --from-insightface-config: the GPU count the arcface_torch config's lr "
+                             "was meant for (default 8)")
     return parser
 
 
@@ -554,21 +573,35 @@ def _report_error(message: str) -> None:
     print(f"{_prog()}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
 
 
-def parse_command(prog: str, argv: list[str] | None,
-                  report_error: Callable[[str], None]) -> tuple[argparse.Namespace, TrainConfig] | None:
-    """The command line and the config it names; None (after the usage or ``report_error(message)``)
-    when either is unusable: the caller exits with status 2."""
+def parse_command(prog: str, argv: list[str] | None, report_error: Callable[[str], None]
+                  ) -> tuple[argparse.Namespace, TrainConfig | None] | None:
+    """The command line and the config it names (None with ``--from-insightface-config``, which needs
+    none); None (after the usage or ``report_error(message)``) when either is unusable: the caller exits
+    with status 2."""
     parser = build_arg_parser(prog)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         parser.print_help(sys.stderr)
         return None
     args = parser.parse_args(argv)
+    if args.from_insightface_config is not None:
+        return args, None
+    if args.config is None:
+        parser.print_usage(sys.stderr)
+        report_error("a recipe is required: a .toml/.json path or a name from configs/")
+        return None
     try:
         return args, load_config(args.config, args.overrides)
     except ValueError as exc:
         report_error(str(exc))
         return None
+
+
+def run_translation(args: argparse.Namespace) -> int:
+    """``--from-insightface-config``: print the recipe translated from an arcface_torch config."""
+    from arcface.insightface_config import main as translate_insightface_config
+
+    return translate_insightface_config(args.from_insightface_config, gpus=args.insightface_gpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     if parsed is None:
         return 2
     args, cfg = parsed
+    if cfg is None:
+        return run_translation(args)
     try:
         summary = train(cfg, max_steps=args.max_steps, quiet=args.quiet)
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:

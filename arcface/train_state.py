@@ -294,7 +294,8 @@ def load_training_checkpoint(path: str | os.PathLike[str], *, backbone: nn.Modul
     meta["resharded"] = objective.load(directory, objective_optimizer)
 
     saved_world_size = int(meta.get("world_size", 1))
-    if restore_rng and saved_world_size == world_size:
+    # A checkpoint imported from another trainer has no RNG states of ours ("rng_saved": false).
+    if restore_rng and saved_world_size == world_size and meta.get("rng_saved", True):
         set_rng_state(_torch_load(directory / rng_filename(rank, world_size), "cpu"),
                       device if device.type == "cuda" else None)
     else:

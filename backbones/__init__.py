@@ -7,6 +7,9 @@ Every backbone takes NCHW float32 RGB input normalised as ``(pixel - 127.5) / 12
 ``arcface.preprocess``), 112x112, and returns the raw (unnormalised) embedding ``[batch, D]``.
 Common options: ``embedding_size``, ``dropout`` (before the embedding FC), ``gradient_checkpointing``.
 Backbones never touch devices, autocast or process groups: the trainer applies those from outside.
+
+Weights trained by InsightFace ``arcface_torch`` load with :func:`load_insightface_backbone` (key
+mapping and architecture detection in :mod:`backbones.insightface`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from backbones.iresnet import LAYOUTS, IResNet
-from backbones.mobilefacenet import MobileFaceNet
+from backbones.mobilefacenet import INSIGHTFACE_HIDDEN, MobileFaceNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
@@ -47,7 +50,22 @@ def _iresnet_factory(layout: str) -> Callable[..., nn.Module]:
 for _layout in LAYOUTS:
     _aliases = [f"iresnet{_layout[1:]}"] + (["LResNet100E-IR"] if _layout == "r100" else [])
     register(_layout, *_aliases)(_iresnet_factory(_layout))
-register("mobilefacenet", "mbf")(MobileFaceNet)
+
+
+@register("mobilefacenet", "mbf")
+def mobilefacenet(**kwargs: object) -> nn.Module:
+    """MobileFaceNet as arcface_torch's ``mbf`` (2.06 M parameters at 512-d; ``width`` = its ``scale``,
+    ``blocks`` = its ``blocks``; the expanded widths stay arcface_torch's at any width)."""
+    kwargs.setdefault("hidden", INSIGHTFACE_HIDDEN)
+    return MobileFaceNet(**kwargs)  # type: ignore[arg-type]
+
+
+@register("mobilefacenet_large", "mbf_large")
+def mobilefacenet_large(**kwargs: object) -> nn.Module:
+    """arcface_torch's ``mbf_large``: MobileFaceNet at width 4 with blocks (2, 8, 12, 4)."""
+    kwargs.setdefault("blocks", (2, 8, 12, 4))
+    kwargs.setdefault("width", 4)
+    return mobilefacenet(**kwargs)
 
 
 @register("mobilefacenet_s", "mbf_s")
@@ -87,4 +105,8 @@ def create_backbone(name: str, *, embedding_size: int = 512, dropout: float = 0.
                    gradient_checkpointing=gradient_checkpointing, **kwargs)
 
 
-__all__ = ["create_backbone", "list_backbones", "canonical_name", "register", "IResNet", "MobileFaceNet"]
+# After the registry: the loader builds registry networks.
+from backbones.insightface import load_insightface_backbone  # noqa: E402
+
+__all__ = ["create_backbone", "list_backbones", "canonical_name", "register", "IResNet", "MobileFaceNet",
+           "load_insightface_backbone"]

@@ -5,6 +5,12 @@ and a global depthwise convolution (GDC) head: a 7x7 depthwise convolution over 
 replaces global average pooling so that each spatial position keeps its own weight (face crops are
 aligned, so position carries meaning), then a linear layer and BatchNorm1d give the embedding.
 
+``hidden`` sets the expanded (depthwise) widths of the bottlenecks. By default they grow with ``width``;
+InsightFace ``arcface_torch``'s MobileFaceNet fixes them at 128/256/512 whatever its ``scale`` (our
+``width``), which :data:`INSIGHTFACE_HIDDEN` reproduces: at width 2 both are the same network, at other
+widths only the fixed widths load arcface_torch's weights (``mobilefacenet`` and ``mobilefacenet_large``
+use them; ``mobilefacenet_s`` keeps its own proportional ones).
+
 Single-device code: no distributed calls, no device placement, no autocast.
 """
 
@@ -14,6 +20,10 @@ import torch
 from torch import nn
 
 from backbones.common import run_stage
+
+# Expanded widths of the bottlenecks (in the order of MobileFaceNet's ``hidden``) as arcface_torch builds
+# them (its ``groups`` arguments): independent of the width multiplier.
+INSIGHTFACE_HIDDEN = (128, 128, 128, 256, 256, 512, 256)
 
 
 class ConvBNPReLU(nn.Sequential):
@@ -54,26 +64,40 @@ class Bottleneck(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet with a GDC head; ``width`` scales the channel counts (2 = the 2.06 M variant)."""
+    """MobileFaceNet with a GDC head; ``width`` scales the channel counts (2 = the 2.06 M variant).
+
+    ``hidden``: the expanded widths of (the stem's residual units when ``blocks[0] > 1``, stage 1's first
+    unit, its residual units, stage 2's first unit, its residual units, stage 3's first unit, its
+    residual units); ``None`` = proportional to ``width``.
+    """
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, gradient_checkpointing: bool = False,
-                 blocks: tuple[int, int, int, int] = (1, 4, 6, 2), width: int = 2) -> None:
+                 blocks: tuple[int, int, int, int] = (1, 4, 6, 2), width: int = 2,
+                 hidden: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
+            raise ValueError(f"MobileFaceNet needs 4 block counts >= 1, got {blocks}")
+        if width < 1:
+            raise ValueError(f"MobileFaceNet width must be >= 1, got {width}")
         self.embedding_size = embedding_size
         self.gradient_checkpointing = gradient_checkpointing
         c64, c128 = 64 * width, 128 * width
+        if hidden is None:
+            hidden = (c64, c64, c64, c128, c128, 2 * c128, c128)
+        if len(hidden) != 7 or any(h < 1 for h in hidden):
+            raise ValueError(f"MobileFaceNet hidden needs 7 widths >= 1, got {hidden}")
         stem: list[nn.Module] = [ConvBNPReLU(3, c64, 3, stride=2)]  # 112 -> 56
         if blocks[0] == 1:
             # 64 groups whatever the width: at width 2 each group maps 2 channels to 2.
             stem.append(ConvBNPReLU(c64, c64, 3, groups=64))
         else:
-            stem += [Bottleneck(c64, c64, c64, 1) for _ in range(blocks[0])]
+            stem += [Bottleneck(c64, c64, hidden[0], 1) for _ in range(blocks[0])]
         self.stem = nn.Sequential(*stem)
         self.stages = nn.ModuleList([
-            # (in, out, expanded, stride) of the first unit, then blocks[i] residual units
-            self._stage(c64, c64, c64, blocks[1]),  # 56 -> 28
-            self._stage(c64, c128, c128, blocks[2]),  # 28 -> 14
-            self._stage(c128, c128, 2 * c128, blocks[3], residual_expanded=c128),  # 14 -> 7
+            # (in, out, expanded, depth, expanded of the residual units)
+            self._stage(c64, c64, hidden[1], blocks[1], hidden[2]),  # 56 -> 28
+            self._stage(c64, c128, hidden[3], blocks[2], hidden[4]),  # 28 -> 14
+            self._stage(c128, c128, hidden[5], blocks[3], hidden[6]),  # 14 -> 7
         ])
         self.conv_sep = ConvBNPReLU(c128, 512, 1)
         # GDC: one 7x7 weight per channel and position, no padding -> 1x1.
@@ -89,10 +113,9 @@ class MobileFaceNet(nn.Module):
 
     @staticmethod
     def _stage(in_channels: int, out_channels: int, expanded: int, depth: int,
-               residual_expanded: int | None = None) -> nn.Sequential:
+               residual_expanded: int) -> nn.Sequential:
         units: list[nn.Module] = [Bottleneck(in_channels, out_channels, expanded, stride=2)]
-        inner = residual_expanded or expanded
-        units += [Bottleneck(out_channels, out_channels, inner, 1) for _ in range(depth)]
+        units += [Bottleneck(out_channels, out_channels, residual_expanded, 1) for _ in range(depth)]
         return nn.Sequential(*units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,7 @@ def learnability(train_ids: int, per_id: int, heldout_ids: int, pairs: int, trai
         train_images, train_labels = torch.stack(images), torch.tensor(labels)
         result["data_seconds"] = time.perf_counter() - start
 
-    model = create_backbone("mobilefacenet", embedding_size=128, width=1) if backbone == "mobilefacenet" \
+    model = create_backbone("mobilefacenet_s", embedding_size=128) if backbone == "mobilefacenet" \
         else SmallFaceNet(128)
     weight = torch.nn.Parameter(torch.randn(train_ids, 128) * 0.01)
     margin = CombinedMargin(scale=32.0, m2=0.5)

@@ -34,8 +34,12 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="arcface-eval", description=__doc__, epilog=EXIT_STATUS_HELP)
-    p.add_argument("--model", help="checkpoint directory, run folder (its latest checkpoint) or .onnx file; "
-                                   "not needed for MegaFace from feature folders")
+    p.add_argument("--model", help="checkpoint directory, run folder (its latest checkpoint), .onnx file or "
+                                   "an arcface_torch weights file (backbone.pth, model.pt); not needed for "
+                                   "MegaFace from feature folders")
+    p.add_argument("--arch", default=None, help="architecture of an arcface_torch weights file given as "
+                   "--model: r18 r34 r50 r100 r200 mbf mbf_large; optional, a check (the file's keys and "
+                   "shapes name it)")
     p.add_argument("-o", "--output", required=True, help="folder for report.md, report.json, PNGs, caches")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -90,9 +94,9 @@ def _model_fingerprint(model: str, flip: bool) -> dict:
     """What identifies the features a model produces: resolved weights file, its size and mtime, flip."""
     path = Path(model)
     if path.suffix != ".onnx":
-        from arcface.checkpoint import BACKBONE_FILE, resolve_checkpoint_dir
+        from arcface.checkpoint import weights_file
 
-        path = resolve_checkpoint_dir(path) / BACKBONE_FILE
+        path = weights_file(path)
     stat = path.stat()
     return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "flip": flip}
 
@@ -207,7 +211,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     embedder = (build_embedder(args.model, device=args.device, batch_size=args.batch_size,
-                               flip=not args.no_flip) if args.model else None)
+                               flip=not args.no_flip, arch=args.arch) if args.model else None)
     identity = model_identity(embedder, args.model) if embedder is not None else None
     print(f"model: {describe_model(identity)}", flush=True)
     verification_results = []

@@ -1,4 +1,4 @@
-"""One embedding path for evaluation: a live model, a checkpoint, or an ONNX file.
+"""One embedding path for evaluation: a live model, a checkpoint (or arcface_torch weights), or an ONNX file.
 
 Every embedder takes aligned ``uint8`` RGB images ``[N, 112, 112, 3]`` and returns ``float32 [N, D]``
 embeddings. With ``flip=True`` (the default, the standard protocol) each embedding is the *sum* of the
@@ -128,13 +128,15 @@ class ModelEmbedder:
 
 
 class CheckpointEmbedder(ModelEmbedder):
-    """Embed with a backbone rebuilt from a checkpoint directory (see :mod:`arcface.checkpoint`)."""
+    """Embed with a backbone rebuilt from a checkpoint directory or an arcface_torch weights file (see
+    :mod:`arcface.checkpoint`; ``arch`` checks what an arcface_torch file holds)."""
 
     def __init__(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                 batch_size: int = 64, flip: bool = True, dtype: torch.dtype | None = None) -> None:
+                 batch_size: int = 64, flip: bool = True, dtype: torch.dtype | None = None,
+                 arch: str | None = None) -> None:
         from arcface.checkpoint import load_backbone
 
-        model, meta = load_backbone(path, map_location=device)
+        model, meta = load_backbone(path, map_location=device, arch=arch)
         model = model.to(memory_format=torch.channels_last)  # this embedder owns the model
         super().__init__(model, device=device, batch_size=batch_size, flip=flip, dtype=dtype,
                          channels_last=True)
@@ -205,16 +207,20 @@ class OnnxEmbedder:
 
 def build_embedder(path_or_model: str | os.PathLike[str] | nn.Module, device: str | torch.device = "cpu",
                    batch_size: int = 64, flip: bool = True, dtype: torch.dtype | None = None,
-                   providers: list[str] | None = None) -> Embedder:
-    """A live model, an ``.onnx`` file, or a checkpoint (directory, its files, or a run folder)."""
+                   providers: list[str] | None = None, arch: str | None = None) -> Embedder:
+    """A live model, an ``.onnx`` file, a checkpoint (directory, its files, or a run folder), or an
+    arcface_torch weights file (``backbone.pth``, ``model.pt``; ``arch`` checks its architecture)."""
     if isinstance(path_or_model, nn.Module):
         return ModelEmbedder(path_or_model, device=device, batch_size=batch_size, flip=flip, dtype=dtype)
     path = Path(path_or_model)
     if path.suffix.lower() == ".onnx":
+        if arch is not None:
+            raise ValueError(f"{path}: an ONNX model needs no architecture (arch {arch!r} is for weight "
+                             "files)")
         if providers is None and torch.device(device).type == "cuda":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return OnnxEmbedder(path, providers=providers, batch_size=batch_size, flip=flip)
-    return CheckpointEmbedder(path, device=device, batch_size=batch_size, flip=flip, dtype=dtype)
+    return CheckpointEmbedder(path, device=device, batch_size=batch_size, flip=flip, dtype=dtype, arch=arch)
 
 
 def model_identity(embedder: Embedder, given: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -231,7 +237,9 @@ def model_identity(embedder: Embedder, given: str | os.PathLike[str] | None = No
     if isinstance(embedder, CheckpointEmbedder):
         from arcface.checkpoint import config_digest
 
-        identity.update(kind="checkpoint", path=str(Path(embedder.meta["_dir"]).resolve()),
+        imported = embedder.meta.get("source", {}).get("format") == "insightface"
+        identity.update(kind="arcface_torch weights" if imported else "checkpoint",
+                        path=str(Path(embedder.meta["_dir"]).resolve()),
                         step=embedder.meta.get("step"), config_sha256=config_digest(embedder.meta["config"]))
     elif isinstance(embedder, OnnxEmbedder):
         metadata = embedder.session.get_modelmeta().custom_metadata_map

@@ -119,7 +119,7 @@ def test_cli_trains_registered_backbone_and_checkpoint_loads(tmp_path: Path) -> 
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["backbone"] == {"name": "mobilefacenet", "embedding_size": 32, "dropout": 0.0,
-                                 "gradient_checkpointing": False}
+                                 "gradient_checkpointing": False, "width": 0, "blocks": [], "init_from": ""}
     model, meta = load_backbone(out)
     assert meta["step"] == 2 and meta["kind"] == "training"
     weights = torch.load(out / "checkpoints" / "step_00000002" / "backbone.pt", weights_only=True)
