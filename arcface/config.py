@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "HEADS",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -42,6 +42,8 @@ MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-s
                 "adaface", "curricularface")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
 OBJECTIVE_KINDS = ("margin_softmax",)
+# Classifier heads of the sharded Partial FC (loss.head).
+HEADS = ("cosine", "lsoftmax")
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
 # (m1 = 1 SphereFace multiplicative angular, m2 = 0 ArcFace additive angular, m3 = 0 CosFace additive
 # cosine). A mismatch is an error rather than a silent override, so a recipe never says one thing and
@@ -145,7 +147,9 @@ class BackboneConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """Margin softmax: logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target class."""
+    """The objective (``loss.kind``) and its classifier head: with ``loss.head = "cosine"`` the margin
+    softmax logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target class; with ``"lsoftmax"``
+    L-Softmax on unnormalised logits (arcface.lsoftmax)."""
 
     _name: ClassVar[str] = "loss"
     kind: str = _f("margin_softmax", "training objective (arcface.objectives): " + ", ".join(OBJECTIVE_KINDS))
@@ -158,6 +162,20 @@ class LossConfig(_Section):
                                 "or 'straight_through'")
     interclass_filtering_threshold: float = _f(0.0, "ignore negatives whose cosine exceeds this (likely "
                                                     "label noise); 0 = off")
+    head: str = _f("cosine", "classifier logits: 'cosine' (normalised embeddings and FC rows; loss.margin, "
+                             "loss.scale) or 'lsoftmax' (L-Softmax: unnormalised W x with the margin "
+                             "loss.lsoftmax_margin on the target; loss.margin and loss.scale are not used)")
+    lsoftmax_margin: int = _f(4, "L-Softmax integer multiplicative angular margin m: target |W||x| "
+                                 "psi(theta), psi = (-1)^k cos(m theta) - 2k; 1 = plain softmax W x "
+                                 "(the paper trains m = 2, 3, 4)")
+    lsoftmax_lambda_base: float = _f(1000.0, "L-Softmax blend weight lambda = max(base * (1 + gamma * t) "
+                                             "** -power, lambda_min), t = training forwards: base (the "
+                                             "authors' code: 1000)")
+    lsoftmax_lambda_gamma: float = _f(0.12, "L-Softmax lambda annealing gamma (the authors' face recipe "
+                                            "0.12; their MNIST example 2.5e-5)")
+    lsoftmax_lambda_power: float = _f(1.0, "L-Softmax lambda annealing power (face recipe 1; MNIST 35)")
+    lsoftmax_lambda_min: float = _f(5.0, "L-Softmax smallest lambda (face recipe 5; MNIST 0 = the full "
+                                         "margin in the end)")
 
     def __post_init__(self) -> None:
         _choice(self._key("kind"), self.kind, OBJECTIVE_KINDS)
@@ -170,6 +188,21 @@ class LossConfig(_Section):
         _choice(self._key("gradient"), self.gradient, ("exact", "straight_through"))
         _check(0.0 <= self.interclass_filtering_threshold < 1.0, self._key("interclass_filtering_threshold"),
                "must be in [0, 1)", self.interclass_filtering_threshold)
+        _choice(self._key("head"), self.head, HEADS)
+        _check(self.lsoftmax_margin >= 1, self._key("lsoftmax_margin"), "must be an integer >= 1",
+               self.lsoftmax_margin)
+        for name in ("lsoftmax_lambda_base", "lsoftmax_lambda_gamma", "lsoftmax_lambda_power",
+                     "lsoftmax_lambda_min"):
+            value = getattr(self, name)
+            _check(value >= 0 and math.isfinite(value), self._key(name), "must be a finite number >= 0",
+                   value)
+        if self.head == "lsoftmax":
+            _check(self.interclass_filtering_threshold == 0.0, self._key("interclass_filtering_threshold"),
+                   "must be 0 with loss.head = 'lsoftmax' (it filters cosines; L-Softmax logits are "
+                   "unnormalised)", self.interclass_filtering_threshold)
+            _check(self.margin not in ("adaface", "curricularface"), self._key("margin"),
+                   "cannot be a stateful cosine margin with loss.head = 'lsoftmax' (the margin is "
+                   "loss.lsoftmax_margin)", self.margin)
         free = _PRESET_FREE.get(self.margin)
         if free is not None:
             for name, neutral in _NEUTRAL.items():
@@ -180,6 +213,12 @@ class LossConfig(_Section):
                     raise ValueError(f"{self._key(name)} must be {neutral} with loss.margin = "
                                      f"{self.margin!r} (got {getattr(self, name)!r}); {hint}, or use "
                                      "loss.margin = 'combined'")
+
+    def lsoftmax_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``arcface.lsoftmax.LSoftmaxHead(**kwargs)``."""
+        return {"margin": self.lsoftmax_margin, "lambda_base": self.lsoftmax_lambda_base,
+                "lambda_gamma": self.lsoftmax_lambda_gamma, "lambda_power": self.lsoftmax_lambda_power,
+                "lambda_min": self.lsoftmax_lambda_min}
 
     def margin_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``arcface.margins.build_margin(self.margin, **kwargs)``."""

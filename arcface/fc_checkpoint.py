@@ -7,6 +7,8 @@ Layout inside a checkpoint directory: one file per saving rank,
     format_version, num_classes, embedding_size, world_size, rank, class_start, num_local,
     weight [num_local, D] fp32, sampler_rng (uint8 state of the negative sampler),
     optimizer: None | {type, param_groups (hyper-parameters), row_state {key: [num_local, ...]}}
+    margin_state (only for heads with buffers): {name: tensor}, running values that are the same on
+        every rank (e.g. L-Softmax's iteration count, AdaFace's norm statistics)
 
 Loading rebuilds this rank's rows ``[class_start, class_end)`` from the overlapping saved shards
 (memory-mapped, so a rank reads only the bytes it needs), for the weight and every row of optimiser
@@ -90,6 +92,9 @@ def save_fc_shard(directory: str | os.PathLike[str], pfc: PartialFC,
         "sampler_rng": pfc.generator.get_state(),
         "optimizer": optimizer_payload,
     }
+    margin_state = {name: buffer.detach().cpu() for name, buffer in pfc.margin.named_buffers()}
+    if margin_state:
+        payload["margin_state"] = margin_state
     final = directory / shard_filename(part.rank, part.world_size)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
@@ -141,7 +146,8 @@ def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
     """Fill ``pfc``'s shard (and ``optimizer``'s row state and hyper-parameters) from ``directory``.
 
     Works for any saving world size. The negative sampler's RNG state is restored only when the world
-    size is unchanged (otherwise each rank keeps its freshly seeded stream). Returns
+    size is unchanged (otherwise each rank keeps its freshly seeded stream). The head's buffers
+    (``margin_state``) are restored when the shards hold them. Returns
     ``{"saved_world_size": int, "resharded": bool}``.
     """
     paths = list_fc_shards(directory)
@@ -190,6 +196,11 @@ def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
                     row_state[key] = torch.zeros((part.num_local, *value.shape[1:]), dtype=value.dtype)
                 row_state[key][dst] = value[src]
     pfc.weight.copy_(weight)
+    saved_margin_state = shards[0].get("margin_state") or {}
+    for name, buffer in pfc.margin.named_buffers():
+        # Replicated values (the same on every rank): the first shard's copy is everyone's.
+        if name in saved_margin_state:
+            buffer.copy_(saved_margin_state[name])
 
     if optimizer is not None:
         saved_groups = shards[0]["optimizer"]["param_groups"]
