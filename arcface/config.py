@@ -41,7 +41,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
-OBJECTIVE_KINDS = ("margin_softmax",)
+OBJECTIVE_KINDS = ("margin_softmax", "softmax+center")
 # Classifier heads of the sharded Partial FC (loss.head).
 HEADS = ("cosine", "lsoftmax")
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
@@ -176,6 +176,13 @@ class LossConfig(_Section):
     lsoftmax_lambda_power: float = _f(1.0, "L-Softmax lambda annealing power (face recipe 1; MNIST 35)")
     lsoftmax_lambda_min: float = _f(5.0, "L-Softmax smallest lambda (face recipe 5; MNIST 0 = the full "
                                          "margin in the end)")
+    center_weight: float = _f(0.003, "loss.kind = 'softmax+center': lambda, weight of the center term "
+                                     "0.5 * mean ||x_i - c_y||^2 (paper: 0.003 for faces)")
+    center_lr: float = _f(0.5, "loss.kind = 'softmax+center': alpha, the centre learning rate of the "
+                               "paper's update c_j -= alpha * sum_i (c_j - x_i) / (1 + n_j) (paper: 0.5)")
+    center_normalize: bool = _f(False, "loss.kind = 'softmax+center': center term on L2-normalised "
+                                       "embeddings (for cosine heads, whose softmax ignores the norm); "
+                                       "paper: false, raw features")
 
     def __post_init__(self) -> None:
         _choice(self._key("kind"), self.kind, OBJECTIVE_KINDS)
@@ -203,6 +210,9 @@ class LossConfig(_Section):
             _check(self.margin not in ("adaface", "curricularface"), self._key("margin"),
                    "cannot be a stateful cosine margin with loss.head = 'lsoftmax' (the margin is "
                    "loss.lsoftmax_margin)", self.margin)
+        _check(self.center_weight >= 0 and math.isfinite(self.center_weight), self._key("center_weight"),
+               "must be a finite number >= 0", self.center_weight)
+        _check(0.0 < self.center_lr <= 1.0, self._key("center_lr"), "must be in (0, 1]", self.center_lr)
         free = _PRESET_FREE.get(self.margin)
         if free is not None:
             for name, neutral in _NEUTRAL.items():

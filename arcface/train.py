@@ -387,8 +387,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
 
             # ------------------------------------------------------------ log
             if applied:
+                logging_step = state.step % cfg.runtime.log_every == 0 or state.step == total_steps
                 logger.update(state.step, loss_value, lr, data_wait_s=data_wait, grad_norm=norm_value,
-                              epoch=state.epoch)
+                              epoch=state.epoch, extra=objective.log_values() if logging_step else None)
 
             # ------------------------------------------------------------ verify
             if packs and state.step % cfg.eval.every == 0:

@@ -102,4 +102,4 @@ def build_objective(cfg: Any, num_classes: int, rank: int, world_size: int,
 
 def _import_builtins() -> None:
     # The built-in objectives register themselves on import.
-    from arcface.objectives import margin_softmax  # noqa: F401
+    from arcface.objectives import center_loss, margin_softmax  # noqa: F401
