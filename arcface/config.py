@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "HEADS",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "HEADS", "SAMPLERS",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,6 +40,9 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # need torch; tests check the two lists agree once the margins module exists.
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
+# Training-data samplers (data.sampler) and what happens to identities with fewer than K images.
+SAMPLERS = ("shuffle", "pk")
+SMALL_IDENTITIES = ("replace", "skip")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
 OBJECTIVE_KINDS = ("margin_softmax", "softmax+center")
 # Classifier heads of the sharded Partial FC (loss.head).
@@ -100,6 +103,14 @@ class DataConfig(_Section):
     low_res_prob: float = _f(0.0, "probability of downscaling to low_res_min_size..56 px and back to 112")
     low_res_min_size: int = _f(16, "smallest side of the low-resolution augmentation")
     seed: int = _f(2048, "seed of the epoch shuffle and of the augmentations (same on every rank)")
+    sampler: str = _f("shuffle", "'shuffle': one seeded permutation of all images per epoch; 'pk': "
+                                 "identity-balanced P x K batches (P = runtime.batch_size / K identities per "
+                                 "rank, disjoint across ranks; an epoch visits every identity once)")
+    pk_images_per_identity: int = _f(4, "data.sampler = 'pk': K, images per identity in a batch (FaceNet: "
+                                        "about 40 per identity in batches of 1800; batch-hard triplet: 4)")
+    pk_small_identities: str = _f("replace", "data.sampler = 'pk': identities with fewer than K images "
+                                             "are drawn with replacement ('replace') or left out ('skip'); "
+                                             "their number is logged at the start")
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 0, self._key("num_classes"), "must be >= 0", self.num_classes)
@@ -116,6 +127,10 @@ class DataConfig(_Section):
         _check(4 <= self.low_res_min_size <= 56, self._key("low_res_min_size"), "must be in [4, 56]",
                self.low_res_min_size)
         _check(self.seed >= 0, self._key("seed"), "must be >= 0", self.seed)
+        _choice(self._key("sampler"), self.sampler, SAMPLERS)
+        _check(self.pk_images_per_identity >= 1, self._key("pk_images_per_identity"), "must be >= 1",
+               self.pk_images_per_identity)
+        _choice(self._key("pk_small_identities"), self.pk_small_identities, SMALL_IDENTITIES)
         if self.synthetic:
             _check(self.num_classes > 0, self._key("num_classes"), "must be > 0 when data.synthetic = true",
                    self.num_classes)
@@ -423,6 +438,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Cross-section checks; each section has validated itself already.
+        if self.data.sampler == "pk" and self.runtime.batch_size % self.data.pk_images_per_identity != 0:
+            raise ValueError(f"runtime.batch_size ({self.runtime.batch_size}) must be a multiple of "
+                             f"data.pk_images_per_identity ({self.data.pk_images_per_identity}) with "
+                             "data.sampler = 'pk' (P = batch_size / K identities per rank)")
         if self.fc.sample_rate < 1.0 and self.loss.margin in ("adaface", "curricularface"):
             # Their batch statistics are reduced over the classes a rank sees; sampling would bias them.
             raise ValueError(f"fc.sample_rate must be 1.0 with loss.margin = {self.loss.margin!r} (its batch "
