@@ -205,3 +205,17 @@ def test_training_with_pk_batches_stops_and_resumes_exactly(pk_rec: Path, tmp_pa
     a, b = backbone_state(Path(full["checkpoint"])), backbone_state(Path(second["checkpoint"]))
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert torch.equal(global_fc(Path(second["checkpoint"])), global_fc(Path(full["checkpoint"])))
+
+
+def test_synthetic_data_takes_the_pk_sampler_too() -> None:
+    """Synthetic labels are i % data.num_classes: the P x K loader serves identity-major batches of them."""
+    cfg = load_config("cpu_synthetic", ["data.synthetic_num_images=60", "data.num_classes=12",
+                                        "runtime.batch_size=6", "data.sampler=pk",
+                                        "data.pk_images_per_identity=3"])
+    loader = build_train_loader(cfg, 1, 2, "cpu")
+    assert loader.samples_per_epoch == 12 * 3 and loader.batches_per_epoch == 3
+    batches = [labels.clone() for _, labels in loader]
+    order = loader.sampler.permutation(0)
+    for step, labels in enumerate(batches):  # rank 1 takes the 2nd pair of each group of 4 identities
+        assert labels.tolist() == np.repeat(loader.sampler.identities[order[4 * step + 2:4 * step + 4]],
+                                            3).tolist()
