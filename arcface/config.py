@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 __all__ = [
     "DataConfig", "BackboneConfig", "LossConfig", "FCConfig", "OptimConfig", "ScheduleConfig",
     "RuntimeConfig", "EvalConfig", "OutputConfig", "TrainConfig", "load_config", "parse_override",
-    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "TRIPLET_MINING",
+    "config_reference", "CONFIGS_DIR", "MARGIN_NAMES", "OBJECTIVE_KINDS", "TRIPLET_MINING", "HEADS",
+    "SAMPLERS",
 ]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,10 +41,16 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # need torch; tests check the two lists agree once the margins module exists.
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
+# Training-data samplers (data.sampler) and what happens to identities with fewer than K images.
+SAMPLERS = ("shuffle", "pk")
+SMALL_IDENTITIES = ("replace", "skip")
 # The training objectives of arcface.objectives (loss.kind); kept here for the same reason.
-OBJECTIVE_KINDS = ("margin_softmax", "triplet", "contrastive", "lifted", "margin", "softmax+contrastive")
+OBJECTIVE_KINDS = ("margin_softmax", "triplet", "contrastive", "lifted", "margin", "softmax+contrastive",
+                   "softmax+center")
 # loss.triplet_mining (arcface.objectives.pairwise.TripletObjective)
 TRIPLET_MINING = ("semihard", "batch_hard", "soft_margin")
+# Classifier heads of the sharded Partial FC (loss.head).
+HEADS = ("cosine", "lsoftmax")
 # Which of the combined-margin parameters each fixed preset allows to differ from "no margin"
 # (m1 = 1 SphereFace multiplicative angular, m2 = 0 ArcFace additive angular, m3 = 0 CosFace additive
 # cosine). A mismatch is an error rather than a silent override, so a recipe never says one thing and
@@ -100,6 +107,14 @@ class DataConfig(_Section):
     low_res_prob: float = _f(0.0, "probability of downscaling to low_res_min_size..56 px and back to 112")
     low_res_min_size: int = _f(16, "smallest side of the low-resolution augmentation")
     seed: int = _f(2048, "seed of the epoch shuffle and of the augmentations (same on every rank)")
+    sampler: str = _f("shuffle", "'shuffle': one seeded permutation of all images per epoch; 'pk': "
+                                 "identity-balanced P x K batches (P = runtime.batch_size / K identities per "
+                                 "rank, disjoint across ranks; an epoch visits every identity once)")
+    pk_images_per_identity: int = _f(4, "data.sampler = 'pk': K, images per identity in a batch (FaceNet: "
+                                        "about 40 per identity in batches of 1800; batch-hard triplet: 4)")
+    pk_small_identities: str = _f("replace", "data.sampler = 'pk': identities with fewer than K images "
+                                             "are drawn with replacement ('replace') or left out ('skip'); "
+                                             "their number is logged at the start")
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 0, self._key("num_classes"), "must be >= 0", self.num_classes)
@@ -116,6 +131,10 @@ class DataConfig(_Section):
         _check(4 <= self.low_res_min_size <= 56, self._key("low_res_min_size"), "must be in [4, 56]",
                self.low_res_min_size)
         _check(self.seed >= 0, self._key("seed"), "must be >= 0", self.seed)
+        _choice(self._key("sampler"), self.sampler, SAMPLERS)
+        _check(self.pk_images_per_identity >= 1, self._key("pk_images_per_identity"), "must be >= 1",
+               self.pk_images_per_identity)
+        _choice(self._key("pk_small_identities"), self.pk_small_identities, SMALL_IDENTITIES)
         if self.synthetic:
             _check(self.num_classes > 0, self._key("num_classes"), "must be > 0 when data.synthetic = true",
                    self.num_classes)
@@ -160,9 +179,11 @@ class BackboneConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """The training objective (``kind``) and its settings: the margin softmax (logits
-    ``scale * (cos(m1 * theta + m2) - m3)`` at the target class, also the identification part of
-    ``softmax+contrastive``) and the pair / triplet losses over the global batch (docs/losses.md)."""
+    """The training objective (``kind``) and its settings: the margin softmax over the sharded FC with
+    its classifier head (``head = "cosine"``: logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target
+    class; ``"lsoftmax"``: L-Softmax on unnormalised logits, arcface.lsoftmax), also the identification
+    part of ``softmax+contrastive`` and ``softmax+center``; the pair / triplet losses over the global batch
+    and center loss (docs/losses.md)."""
 
     _name: ClassVar[str] = "loss"
     kind: str = _f("margin_softmax", "training objective (arcface.objectives): " + ", ".join(OBJECTIVE_KINDS))
@@ -202,6 +223,27 @@ class LossConfig(_Section):
                                     "schedule's peak, following its warmup and decay; 0 = beta fixed "
                                     "(Wu et al.'s code: 0.1)")
     margin_nu: float = _f(0.0, "margin: weight nu of the regulariser nu * beta (Wu et al.'s code: 0)")
+    head: str = _f("cosine", "classifier logits: 'cosine' (normalised embeddings and FC rows; loss.margin, "
+                             "loss.scale) or 'lsoftmax' (L-Softmax: unnormalised W x with the margin "
+                             "loss.lsoftmax_margin on the target; loss.margin and loss.scale are not used)")
+    lsoftmax_margin: int = _f(4, "L-Softmax integer multiplicative angular margin m: target |W||x| "
+                                 "psi(theta), psi = (-1)^k cos(m theta) - 2k; 1 = plain softmax W x "
+                                 "(the paper trains m = 2, 3, 4)")
+    lsoftmax_lambda_base: float = _f(1000.0, "L-Softmax blend weight lambda = max(base * (1 + gamma * t) "
+                                             "** -power, lambda_min), t = training forwards: base (the "
+                                             "authors' code: 1000)")
+    lsoftmax_lambda_gamma: float = _f(0.12, "L-Softmax lambda annealing gamma (the authors' face recipe "
+                                            "0.12; their MNIST example 2.5e-5)")
+    lsoftmax_lambda_power: float = _f(1.0, "L-Softmax lambda annealing power (face recipe 1; MNIST 35)")
+    lsoftmax_lambda_min: float = _f(5.0, "L-Softmax smallest lambda (face recipe 5; MNIST 0 = the full "
+                                         "margin in the end)")
+    center_weight: float = _f(0.003, "loss.kind = 'softmax+center': lambda, weight of the center term "
+                                     "0.5 * mean ||x_i - c_y||^2 (paper: 0.003 for faces)")
+    center_lr: float = _f(0.5, "loss.kind = 'softmax+center': alpha, the centre learning rate of the "
+                               "paper's update c_j -= alpha * sum_i (c_j - x_i) / (1 + n_j) (paper: 0.5)")
+    center_normalize: bool = _f(False, "loss.kind = 'softmax+center': center term on L2-normalised "
+                                       "embeddings (for cosine heads, whose softmax ignores the norm); "
+                                       "paper: false, raw features")
 
     def __post_init__(self) -> None:
         _choice(self._key("kind"), self.kind, OBJECTIVE_KINDS)
@@ -228,6 +270,24 @@ class LossConfig(_Section):
         _check(self.margin_nu >= 0, self._key("margin_nu"), "must be >= 0", self.margin_nu)
         _check(0.0 <= self.interclass_filtering_threshold < 1.0, self._key("interclass_filtering_threshold"),
                "must be in [0, 1)", self.interclass_filtering_threshold)
+        _choice(self._key("head"), self.head, HEADS)
+        _check(self.lsoftmax_margin >= 1, self._key("lsoftmax_margin"), "must be an integer >= 1",
+               self.lsoftmax_margin)
+        for name in ("lsoftmax_lambda_base", "lsoftmax_lambda_gamma", "lsoftmax_lambda_power",
+                     "lsoftmax_lambda_min"):
+            value = getattr(self, name)
+            _check(value >= 0 and math.isfinite(value), self._key(name), "must be a finite number >= 0",
+                   value)
+        if self.head == "lsoftmax":
+            _check(self.interclass_filtering_threshold == 0.0, self._key("interclass_filtering_threshold"),
+                   "must be 0 with loss.head = 'lsoftmax' (it filters cosines; L-Softmax logits are "
+                   "unnormalised)", self.interclass_filtering_threshold)
+            _check(self.margin not in ("adaface", "curricularface"), self._key("margin"),
+                   "cannot be a stateful cosine margin with loss.head = 'lsoftmax' (the margin is "
+                   "loss.lsoftmax_margin)", self.margin)
+        _check(self.center_weight >= 0 and math.isfinite(self.center_weight), self._key("center_weight"),
+               "must be a finite number >= 0", self.center_weight)
+        _check(0.0 < self.center_lr <= 1.0, self._key("center_lr"), "must be in (0, 1]", self.center_lr)
         free = _PRESET_FREE.get(self.margin)
         if free is not None:
             for name, neutral in _NEUTRAL.items():
@@ -238,6 +298,12 @@ class LossConfig(_Section):
                     raise ValueError(f"{self._key(name)} must be {neutral} with loss.margin = "
                                      f"{self.margin!r} (got {getattr(self, name)!r}); {hint}, or use "
                                      "loss.margin = 'combined'")
+
+    def lsoftmax_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``arcface.lsoftmax.LSoftmaxHead(**kwargs)``."""
+        return {"margin": self.lsoftmax_margin, "lambda_base": self.lsoftmax_lambda_base,
+                "lambda_gamma": self.lsoftmax_lambda_gamma, "lambda_power": self.lsoftmax_lambda_power,
+                "lambda_min": self.lsoftmax_lambda_min}
 
     def margin_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``arcface.margins.build_margin(self.margin, **kwargs)``."""
@@ -442,6 +508,10 @@ class TrainConfig:
         if self.backbone.init_from and self.output.resume_from_insightface:
             raise ValueError("backbone.init_from and output.resume_from_insightface are both set: start from "
                              "pretrained weights with a new FC, or continue a run, not both")
+        if self.data.sampler == "pk" and self.runtime.batch_size % self.data.pk_images_per_identity != 0:
+            raise ValueError(f"runtime.batch_size ({self.runtime.batch_size}) must be a multiple of "
+                             f"data.pk_images_per_identity ({self.data.pk_images_per_identity}) with "
+                             "data.sampler = 'pk' (P = batch_size / K identities per rank)")
         if self.fc.sample_rate < 1.0 and self.loss.margin in ("adaface", "curricularface"):
             # Their batch statistics are reduced over the classes a rank sees; sampling would bias them.
             raise ValueError(f"fc.sample_rate must be 1.0 with loss.margin = {self.loss.margin!r} (its batch "

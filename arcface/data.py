@@ -12,7 +12,8 @@ Determinism: the random choices of an augmentation are drawn from a generator se
 ``(data.seed, epoch, image index)``, so a batch is the same whichever worker decodes it, however many
 workers there are, and after a resume.
 
-Sampler semantics (:class:`ResumableDistributedSampler`): each epoch has one permutation of all images,
+Sampler semantics (``data.sampler = "shuffle"``, :class:`ResumableDistributedSampler`): each epoch has
+one permutation of all images,
 seeded by ``(seed, epoch)`` and identical on every rank. It is cut into consecutive *global* batches of
 ``world_size * batch_size`` images; rank ``r`` takes the ``r``-th slice of ``batch_size`` of each. The
 position saved in a checkpoint is the number of images of the epoch's permutation already handed out
@@ -20,6 +21,12 @@ position saved in a checkpoint is the number of images of the epoch's permutatio
 with another world size or batch size continues from the same position of the same permutation with the
 new global batch: no image of the epoch is repeated or skipped, except the usual dropped tail (fewer
 than one global batch) at the end of the epoch.
+
+Identity-balanced batches (``data.sampler = "pk"``, :class:`DistributedPKSampler`): each rank's batch
+is P identities x K images, and the ranks' identities within a step are disjoint. An epoch is one
+seeded permutation of the identities, cut into global groups of ``world_size * P``; the position saved
+is the number of identities of that permutation handed out, so it resumes exactly, also on another
+world size or batch size, like the shuffle sampler.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arcface.preprocess import INPUT_SIZE, ImageDecodeError, decode_rgb, ensure_size, to_chw_uint8
 
-__all__ = ["Augmenter", "FaceTrainDataset", "ResumableDistributedSampler", "SyntheticImages", "TrainLoader",
-           "CudaPrefetcher", "build_train_loader", "collate_uint8"]
+__all__ = ["Augmenter", "FaceTrainDataset", "ResumableDistributedSampler", "DistributedPKSampler",
+           "SyntheticImages", "TrainLoader", "CudaPrefetcher", "build_train_loader", "collate_uint8"]
 
 _SYNTHETIC_POOL = 1024  # distinct random images behind the synthetic mode (indices wrap around)
 
@@ -134,7 +141,8 @@ class FaceTrainDataset(Dataset):
     ``source`` is anything ``recordio_tools.dataset.open_dataset`` accepts or an opened
     ``FaceRecordDataset``. Items are indexed by image index, or by ``(epoch, index)`` (what
     :class:`TrainLoader` passes, so that workers need no epoch state): the augmentation generator is
-    seeded by ``(seed, epoch, index)``.
+    seeded by ``(seed, epoch, index)``. The P x K sampler passes ``(epoch, index, draw)`` (``draw`` = the
+    image's slot among its identity's K), so an image drawn twice gets two different augmentations.
     """
 
     def __init__(self, source: Any, augment: Any = None, seed: int | None = None) -> None:
@@ -158,8 +166,8 @@ class FaceTrainDataset(Dataset):
     def labels(self) -> np.ndarray:
         return self.records.labels
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+    def __getitem__(self, item: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        epoch, index, *draw = item if isinstance(item, tuple) else (self.epoch, item)
         index = int(index)
         data = self.records.read_image(index)
         try:
@@ -169,7 +177,7 @@ class FaceTrainDataset(Dataset):
             raise ImageDecodeError(f"{self.records.describe(index)}: {str(exc).split(': ', 1)[-1]}") from None
         rgb = ensure_size(rgb, INPUT_SIZE)
         if self.augmenter.active:
-            rgb = self.augmenter(rgb, np.random.default_rng((self.seed, int(epoch), index)))
+            rgb = self.augmenter(rgb, np.random.default_rng((self.seed, int(epoch), index, *map(int, draw))))
         return to_chw_uint8(rgb), int(self.records.labels[index])
 
 
@@ -207,6 +215,23 @@ class ResumableDistributedSampler(Sampler[int]):
     @property
     def global_batch_size(self) -> int:
         return self.world_size * self.batch_size
+
+    @property
+    def num_images(self) -> int:
+        return self.num_samples
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """The epoch's length in samples (what ``schedule.epochs`` counts): every image once."""
+        return self.num_samples
+
+    def describe(self) -> str:
+        return (f"sampler: shuffle, one seeded permutation of the {self.num_samples} images per epoch, "
+                f"{self.batch_size} per rank and batch")
+
+    def items(self, epoch: int, indices: np.ndarray) -> list[tuple[int, ...]]:
+        """The dataset items of one batch: ``(epoch, index)``."""
+        return [(epoch, index) for index in indices.tolist()]
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The epoch's order of all image indices (int64), the same on every rank and every run."""
@@ -260,6 +285,9 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict`, possibly at another world size or batch size."""
+        if state.get("sampler", "shuffle") != "shuffle":
+            raise ValueError(f"the data position was saved with data.sampler = {state['sampler']!r}, this "
+                             "run uses data.sampler = 'shuffle': set it back to resume")
         for key in ("epoch", "consumed", "seed", "num_samples"):
             if key not in state:
                 raise ValueError(f"sampler state has no {key!r} (keys: {sorted(state)})")
@@ -280,15 +308,190 @@ class ResumableDistributedSampler(Sampler[int]):
             self.consumed = 0
 
 
-class _EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Batch sampler for DataLoader: lists of ``(epoch, index)`` of the sampler's remaining batches."""
+# Stream tag of the P x K sampler's random draws: apart from the shuffle sampler's (seed, epoch) stream.
+_PK_STREAM = 0x504B
 
-    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+
+class DistributedPKSampler(Sampler[int]):
+    """Identity-balanced batches: each rank gets P identities x K images, ranks' identities disjoint.
+
+    Epoch ``e`` is one permutation of the identities, seeded by ``(seed, e)`` and the same on every rank,
+    cut into consecutive global groups of ``world_size * P`` identities; rank ``r`` takes the ``r``-th
+    ``P`` of each group, so no identity is on two ranks within a step (nor twice in an epoch). An
+    identity's K images are drawn by a generator seeded by ``(seed, epoch, identity)``, so they do not
+    depend on the world size or on where the identity lands: without replacement when it has at least K
+    images; identities with fewer are drawn with replacement (``small_identities = "replace"``) or left
+    out of every epoch (``"skip"``). Batches are identity-major (the K images of an identity together).
+
+    The position (``consumed``: identities of the epoch's permutation handed out, counted globally)
+    advances through :meth:`advance` only, when a batch reaches the loop, so :meth:`state_dict` is exact
+    mid-epoch; a resume at another world size or batch size continues from the same identity of the same
+    permutation (the dropped tail, fewer than one global group of identities, aside).
+    """
+
+    kind = "pk"
+
+    def __init__(self, labels: np.ndarray, rank: int, world_size: int, seed: int, batch_size: int,
+                 images_per_identity: int, small_identities: str = "replace") -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
+        k = int(images_per_identity)
+        if k < 1:
+            raise ValueError(f"data.pk_images_per_identity must be >= 1, got {k}")
+        if batch_size < 1 or batch_size % k != 0:
+            raise ValueError(f"runtime.batch_size ({batch_size}) must be a positive multiple of "
+                             f"data.pk_images_per_identity ({k})")
+        if small_identities not in ("replace", "skip"):
+            raise ValueError(f"data.pk_small_identities must be 'replace' or 'skip', got "
+                             f"{small_identities!r}")
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"the P x K sampler needs a non-empty 1-D array of integer labels, got shape "
+                             f"{labels.shape} dtype {labels.dtype}")
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.batch_size, self.k, self.small_identities = int(batch_size), k, small_identities
+        self.num_images = int(labels.size)
+        # Images of identity j: order[starts[j] : starts[j] + counts[j]] (dataset order).
+        order = np.argsort(labels, kind="stable")
+        identities, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+        self.num_all_identities = int(identities.size)
+        small = counts < k
+        self.num_small_identities = int(small.sum())
+        keep = ~small if small_identities == "skip" else np.ones_like(small)
+        self._order = order.astype(np.int32 if self.num_images < 2**31 else np.int64)
+        self.identities = identities[keep].astype(np.int64)
+        self._starts, self._counts = starts[keep].astype(np.int64), counts[keep].astype(np.int64)
+        self.num_identities = int(self.identities.size)
+        if self.num_identities < self.global_identities:
+            raise ValueError(f"the data has {self.num_identities} identities"
+                             f"{f' with >= {k} images' if small_identities == 'skip' else ''}, fewer than "
+                             f"one step's world size {world_size} x P = runtime.batch_size / "
+                             f"data.pk_images_per_identity = {self.identities_per_batch}")
+        self.epoch = 0
+        self.consumed = 0
+
+    @property
+    def identities_per_batch(self) -> int:
+        """P: identities in one rank's batch."""
+        return self.batch_size // self.k
+
+    @property
+    def global_identities(self) -> int:
+        """Identities in one global batch (all ranks)."""
+        return self.world_size * self.identities_per_batch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """The epoch's length in samples (what ``schedule.epochs`` counts): K per identity."""
+        return self.num_identities * self.k
+
+    def describe(self) -> str:
+        small = self.num_small_identities
+        what = "drawn with replacement" if self.small_identities == "replace" else "skipped"
+        return (f"sampler: P x K, {self.identities_per_batch} identities x {self.k} images per rank and "
+                f"batch (identities disjoint across ranks); {self.num_all_identities} identities, {small} of "
+                f"them with fewer than {self.k} images ({what}); an epoch visits {self.num_identities} "
+                f"identities = {self.samples_per_epoch} samples")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's order of identity positions (into :attr:`identities`), the same on every rank."""
+        rng = np.random.default_rng((self.seed, int(epoch), _PK_STREAM))
+        return rng.permutation(self.num_identities).astype(np.int64)
+
+    def draw(self, epoch: int, position: int) -> np.ndarray:
+        """The K image indices of identity ``identities[position]`` in ``epoch``."""
+        start, count = int(self._starts[position]), int(self._counts[position])
+        rng = np.random.default_rng((self.seed, int(epoch), _PK_STREAM, int(self.identities[position])))
+        picks = rng.choice(count, size=self.k, replace=count < self.k)
+        return self._order[start + picks].astype(np.int64)
+
+    def remaining_batches(self, consumed: int | None = None) -> int:
+        """Global batches left in the epoch from position ``consumed`` (default: the current one)."""
+        left = self.num_identities - (self.consumed if consumed is None else consumed)
+        return max(left, 0) // self.global_identities
+
+    def batches_per_epoch(self) -> int:
+        return self.remaining_batches(0)
+
+    def iter_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(epoch, this rank's P * K image indices)`` per remaining global batch."""
+        epoch, start = self.epoch, self.consumed
+        order = self.permutation(epoch)
+        p = self.identities_per_batch
+        for batch in range(self.remaining_batches(start)):
+            first = start + batch * self.global_identities + self.rank * p
+            yield epoch, np.concatenate([self.draw(epoch, int(j)) for j in order[first:first + p]])
+
+    def items(self, epoch: int, indices: np.ndarray) -> list[tuple[int, ...]]:
+        """The dataset items of one batch: ``(epoch, index, draw)``, draw = the slot among its identity's K
+        (a repeated image gets its own augmentation)."""
+        return [(epoch, index, slot % self.k) for slot, index in enumerate(indices.tolist())]
+
+    def __iter__(self) -> Iterator[int]:
+        for _, indices in self.iter_batches():
+            yield from indices.tolist()
+
+    def __len__(self) -> int:
+        return self.remaining_batches() * self.batch_size
+
+    def advance(self, num_batches: int = 1) -> None:
+        """Mark ``num_batches`` global batches as consumed; roll over to the next epoch when none is left."""
+        self.consumed += num_batches * self.global_identities
+        if self.remaining_batches() == 0:
+            self.epoch += 1
+            self.consumed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch``; a no-op for the current epoch (keeps a resumed position)."""
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self.consumed = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.kind, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "num_images": self.num_images, "num_identities": self.num_identities,
+                "images_per_identity": self.k, "small_identities": self.small_identities,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`, possibly at another world size or batch size."""
+        saved_kind = state.get("sampler", "shuffle")
+        if saved_kind != self.kind:
+            raise ValueError(f"the data position was saved with data.sampler = {saved_kind!r}, this run uses "
+                             f"data.sampler = 'pk': set it back to resume")
+        for key in ("epoch", "consumed", "seed", "num_images", "num_identities"):
+            if key not in state:
+                raise ValueError(f"P x K sampler state has no {key!r} (keys: {sorted(state)})")
+        if int(state["num_images"]) != self.num_images:
+            raise ValueError(f"sampler state was saved for {state['num_images']} images, the dataset has "
+                             f"{self.num_images}: the data changed since the checkpoint")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"sampler state was saved with data.seed = {state['seed']}, the config says "
+                             f"{self.seed}: the epoch order would differ")
+        if int(state["num_identities"]) != self.num_identities:
+            raise ValueError(f"sampler state was saved with {state['num_identities']} identities per epoch, "
+                             f"this run has {self.num_identities}: data.pk_images_per_identity or "
+                             f"data.pk_small_identities changed which identities are skipped")
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= self.num_identities or int(state["epoch"]) < 0:
+            raise ValueError(f"sampler state position epoch {state['epoch']} consumed {consumed} is out of "
+                             f"range for {self.num_identities} identities")
+        self.epoch = int(state["epoch"])
+        self.consumed = consumed
+        if self.remaining_batches() == 0:  # saved at the end of an epoch with a larger global batch
+            self.epoch += 1
+            self.consumed = 0
+
+
+class _EpochBatches(Sampler[list[tuple[int, ...]]]):
+    """Batch sampler for DataLoader: the dataset items of the sampler's remaining batches."""
+
+    def __init__(self, sampler: ResumableDistributedSampler | DistributedPKSampler) -> None:
         self.sampler = sampler
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         for epoch, indices in self.sampler.iter_batches():
-            yield [(epoch, index) for index in indices.tolist()]
+            yield self.sampler.items(epoch, indices)
 
     def __len__(self) -> int:
         return self.sampler.remaining_batches()
@@ -405,13 +608,15 @@ class TrainLoader:
     loop waited for the last batch, ``total_wait_seconds`` the sum since construction.
     """
 
-    def __init__(self, sampler: ResumableDistributedSampler, device: torch.device, num_classes: int,
-                 steps_per_epoch: int, source: str, dataset: FaceTrainDataset | None = None,
+    def __init__(self, sampler: ResumableDistributedSampler | DistributedPKSampler, device: torch.device,
+                 num_classes: int, steps_per_epoch: int, source: str, dataset: FaceTrainDataset | None = None,
                  synthetic: SyntheticImages | None = None, num_workers: int = 0) -> None:
         self.sampler = sampler
         self.device = torch.device(device)
         self.num_classes = int(num_classes)
-        self.num_images = sampler.num_samples
+        self.num_images = sampler.num_images
+        #: the epoch's length in samples (every image once; identities x K with the P x K sampler)
+        self.samples_per_epoch = sampler.samples_per_epoch
         self.steps_per_epoch = int(steps_per_epoch)
         self.source = source
         self.dataset = dataset
@@ -448,11 +653,15 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+    def describe(self) -> str:
+        """One line about the sampler for the start of the training log."""
+        return self.sampler.describe()
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.synthetic is not None:
@@ -493,7 +702,9 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, device: torch.devic
     """The training loader of ``rank`` for ``cfg`` (a :class:`arcface.config.TrainConfig`).
 
     Validates that ``cfg.data.num_classes`` (when non-zero) matches the data, and that one global batch
-    fits in the dataset.
+    fits in the dataset. ``data.sampler`` chooses the sampler: ``"shuffle"``
+    (:class:`ResumableDistributedSampler`) or ``"pk"`` (:class:`DistributedPKSampler`, over the labels
+    the RecordIO index already holds: no image is decoded to find them).
     """
     device = torch.device(device)
     data = cfg.data
@@ -512,7 +723,14 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, device: torch.devic
                              f"(labels 0..{num_classes - 1}); set data.num_classes = {num_classes}, or 0 to "
                              f"take it from the data")
         synthetic = None
-    steps_per_epoch = cfg.steps_per_epoch(num_images, world_size)
-    sampler = ResumableDistributedSampler(num_images, rank, world_size, data.seed, cfg.runtime.batch_size)
+    sampler: ResumableDistributedSampler | DistributedPKSampler
+    if data.sampler == "pk":
+        # The labels come from the RecordIO index and headers read when the dataset was opened.
+        labels = dataset.labels if dataset is not None else np.arange(num_images) % num_classes
+        sampler = DistributedPKSampler(labels, rank, world_size, data.seed, cfg.runtime.batch_size,
+                                       data.pk_images_per_identity, data.pk_small_identities)
+    else:
+        sampler = ResumableDistributedSampler(num_images, rank, world_size, data.seed, cfg.runtime.batch_size)
+    steps_per_epoch = cfg.steps_per_epoch(sampler.samples_per_epoch, world_size)
     return TrainLoader(sampler, device, num_classes, steps_per_epoch, source, dataset=dataset,
                        synthetic=synthetic, num_workers=data.num_workers)

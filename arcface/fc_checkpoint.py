@@ -7,10 +7,15 @@ Layout inside a checkpoint directory: one file per saving rank,
     format_version, num_classes, embedding_size, world_size, rank, class_start, num_local,
     weight [num_local, D] fp32, sampler_rng (uint8 state of the negative sampler),
     optimizer: None | {type, param_groups (hyper-parameters), row_state {key: [num_local, ...]}}
+    extra_rows (only when an objective keeps more per-class tables): {name: [num_local, ...]}, e.g.
+        the class centres of the center loss, resharded exactly like the weight
+    margin_state (only for heads with buffers): {name: tensor}, running values that are the same on
+        every rank (e.g. L-Softmax's iteration count, AdaFace's norm statistics)
 
 Loading rebuilds this rank's rows ``[class_start, class_end)`` from the overlapping saved shards
-(memory-mapped, so a rank reads only the bytes it needs), for the weight and every row of optimiser
-state, so a run saved on 2 ranks resumes on 3 or on 1 with the same global FC matrix.
+(memory-mapped, so a rank reads only the bytes it needs), for the weight, every row of optimiser
+state and every extra row table, so a run saved on 2 ranks resumes on 3 or on 1 with the same global
+FC matrix (and centres).
 
 Why not ``torch.distributed.checkpoint`` (DCP): DCP reshards DTensors / ShardedTensors by their chunk
 metadata, but a DTensor ``Shard(0)`` placement can only express torch.chunk-style splits (ceil-sized
@@ -61,8 +66,14 @@ def _check_optimizer(pfc: PartialFC, optimizer: torch.optim.Optimizer) -> None:
 
 
 def save_fc_shard(directory: str | os.PathLike[str], pfc: PartialFC,
-                  optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write this rank's shard file into ``directory`` (temp name, then rename); every rank calls it."""
+                  optimizer: torch.optim.Optimizer | None = None,
+                  extra_rows: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write this rank's shard file into ``directory`` (temp name, then rename); every rank calls it.
+
+    ``extra_rows``: further per-class tables of this rank (first dimension ``num_local``, row ``i`` =
+    class ``class_start + i``), saved beside the weight and resharded with it by
+    :func:`load_fc_resharded`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     part = pfc.partition
@@ -79,15 +90,25 @@ def save_fc_shard(directory: str | os.PathLike[str], pfc: PartialFC,
                               if k != "params"} for group in optimizer.param_groups],
             "row_state": {key: value.detach().cpu() for key, value in state.items()},
         }
+    if extra_rows:
+        for name, table in extra_rows.items():
+            if table.dim() < 1 or table.shape[0] != part.num_local:
+                raise ValueError(f"extra row table {name!r} has shape {tuple(table.shape)}, expected "
+                                 f"[{part.num_local}, ...] (one row per class of this rank)")
+    margin_state = {name: buffer.detach().cpu() for name, buffer in pfc.margin.named_buffers()}
     return write_fc_shard_file(directory, part, pfc.weight.detach().cpu(), optimizer_payload,
-                               sampler_rng=pfc.generator.get_state())
+                               sampler_rng=pfc.generator.get_state(), extra_rows=extra_rows,
+                               margin_state=margin_state)
 
 
 def write_fc_shard_file(directory: str | os.PathLike[str], partition: ClassPartition, weight: torch.Tensor,
-                        optimizer: dict[str, Any] | None, sampler_rng: torch.Tensor | None = None) -> Path:
+                        optimizer: dict[str, Any] | None, sampler_rng: torch.Tensor | None = None,
+                        extra_rows: dict[str, torch.Tensor] | None = None,
+                        margin_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one shard file from plain tensors (``weight`` ``[num_local, D]`` of ``partition``'s rows,
-    ``optimizer`` as in the module doc). Without ``sampler_rng`` a resumed rank keeps its fresh sampler
-    stream (used for shards imported from another trainer, which saved none)."""
+    ``optimizer`` as in the module doc, ``extra_rows`` further per-class tables, ``margin_state`` the
+    margin's running buffers). Without ``sampler_rng`` a resumed rank keeps its fresh sampler stream
+    (used for shards imported from another trainer, which saved none)."""
     directory = Path(directory)
     if tuple(weight.shape[:1]) != (partition.num_local,) or weight.dim() != 2:
         raise ValueError(f"weight of shape {list(weight.shape)} is not [{partition.num_local}, D] for rank "
@@ -105,6 +126,10 @@ def write_fc_shard_file(directory: str | os.PathLike[str], partition: ClassParti
     }
     if sampler_rng is not None:
         payload["sampler_rng"] = sampler_rng
+    if extra_rows:
+        payload["extra_rows"] = {name: table.detach().cpu() for name, table in extra_rows.items()}
+    if margin_state:
+        payload["margin_state"] = margin_state
     final = directory / shard_filename(partition.rank, partition.world_size)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
@@ -152,12 +177,15 @@ def _load_shard(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
-                      optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                      optimizer: torch.optim.Optimizer | None = None,
+                      extra_rows: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Fill ``pfc``'s shard (and ``optimizer``'s row state and hyper-parameters) from ``directory``.
 
     Works for any saving world size. The negative sampler's RNG state is restored only when the world
-    size is unchanged (otherwise each rank keeps its freshly seeded stream). Returns
-    ``{"saved_world_size": int, "resharded": bool}``.
+    size is unchanged (otherwise each rank keeps its freshly seeded stream). ``extra_rows`` are this
+    rank's tables to fill (in place) from the tables of the same names saved by
+    :func:`save_fc_shard`. The head's buffers (``margin_state``) are restored when the shards hold
+    them. Returns ``{"saved_world_size": int, "resharded": bool}``.
     """
     paths = list_fc_shards(directory)
     shards = [_load_shard(p) for p in paths]
@@ -186,9 +214,23 @@ def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
             if saved["type"] != type(optimizer).__name__:
                 raise FCCheckpointError(f"{path}: optimizer type {saved['type']} differs from "
                                         f"{type(optimizer).__name__}")
+    extra_rows = extra_rows or {}
+    for path, shard in zip(paths, shards):
+        saved_tables = shard.get("extra_rows") or {}
+        for name, table in extra_rows.items():
+            if name not in saved_tables:
+                raise FCCheckpointError(f"{path}: no {name!r} rows were saved with this FC shard (saved by "
+                                        "another loss.kind?)")
+            saved_table = saved_tables[name]
+            if (saved_table.shape[0] != shard["num_local"] or saved_table.shape[1:] != table.shape[1:]
+                    or saved_table.dtype != table.dtype):
+                raise FCCheckpointError(f"{path}: {name!r} rows {tuple(saved_table.shape)} "
+                                        f"{saved_table.dtype} do not fit [{shard['num_local']}, "
+                                        f"{', '.join(str(d) for d in table.shape[1:])}] {table.dtype}")
 
     start, end = part.class_start, part.class_end
     weight = torch.empty_like(pfc.weight, device="cpu")
+    tables = {name: torch.empty_like(table, device="cpu") for name, table in extra_rows.items()}
     row_state: dict[str, torch.Tensor] = {}
     for shard in shards:
         lo, hi = max(start, shard["class_start"]), min(end, shard["class_start"] + shard["num_local"])
@@ -197,6 +239,8 @@ def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
         src = slice(lo - shard["class_start"], hi - shard["class_start"])
         dst = slice(lo - start, hi - start)
         weight[dst] = shard["weight"][src]
+        for name, table in tables.items():
+            table[dst] = shard["extra_rows"][name][src]
         if optimizer is not None:
             for key, value in shard["optimizer"]["row_state"].items():
                 if key not in row_state:
@@ -205,6 +249,13 @@ def load_fc_resharded(directory: str | os.PathLike[str], pfc: PartialFC,
                     row_state[key] = torch.zeros((part.num_local, *value.shape[1:]), dtype=value.dtype)
                 row_state[key][dst] = value[src]
     pfc.weight.copy_(weight)
+    for name, table in tables.items():
+        extra_rows[name].copy_(table)
+    saved_margin_state = shards[0].get("margin_state") or {}
+    for name, buffer in pfc.margin.named_buffers():
+        # Replicated values (the same on every rank): the first shard's copy is everyone's.
+        if name in saved_margin_state:
+            buffer.copy_(saved_margin_state[name])
 
     if optimizer is not None:
         saved_groups = shards[0]["optimizer"]["param_groups"]

@@ -154,6 +154,10 @@ class PartialFC(nn.Module):
         embedding_size: ``D``.
         margin: module ``(cos_theta [b, n], labels [b] column or -1) -> logits [b, n]``
             (``arcface.margins.CombinedMargin`` and friends); applied to the local sampled columns.
+            A head that computes its logits itself from the embeddings and the weight (class attribute
+            ``computes_logits = True``, e.g. ``arcface.lsoftmax.LSoftmaxHead``: unnormalised ``W x``)
+            is called as ``margin(total_embeddings, weight, rows, targets, grad_layout)`` instead of
+            receiving cosines.
         sample_rate: fraction of the shard's classes used per step, in (0, 1]; 1 = plain model parallel.
         update: ``"sparse"``: with ``sample_rate < 1`` the weight receives a sparse row gradient and the
             optimiser (from :meth:`build_optimizer`) touches only sampled rows; ``"dense"``: a dense
@@ -233,8 +237,9 @@ class PartialFC(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Mean ArcFace-family cross-entropy over the global batch (0-dim fp32, same on every rank).
 
-        ``local_embeddings [b, D]`` (any float dtype; cast to fp32) and ``local_labels [b]`` global class
-        ids of this rank's samples; every rank must pass the same ``b``.
+        ``local_embeddings [b, D]`` (any float dtype; cast to the weight's dtype, fp32 unless the module
+        was converted, e.g. to fp64 for reference checks) and ``local_labels [b]`` global class ids of
+        this rank's samples; every rank must pass the same ``b``.
         """
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"PartialFC expects embeddings [batch, {self.embedding_size}], "
@@ -252,7 +257,7 @@ class PartialFC(nn.Module):
         distributed = self.partition.world_size > 1
         # Sampling, margin and loss run in fp32 even under fp16/bf16 autocast of the backbone.
         with torch.autocast(device_type=device.type, enabled=False):
-            embeddings = local_embeddings.to(device=device, dtype=torch.float32)
+            embeddings = local_embeddings.to(device=device, dtype=self.weight.dtype)
             if distributed:
                 total_embeddings = all_gather_autograd(embeddings)
                 total_labels = all_gather_tensor(local_labels)
@@ -265,11 +270,14 @@ class PartialFC(nn.Module):
                 rows, targets = None, local_targets
             self.sampled_rows = rows
             # Sparse update: only the sampled rows get a gradient (a COO tensor, never [num_local, D]).
-            cos_theta = cosine_logits(total_embeddings, self.weight, rows,
-                                      grad_layout="sparse" if self.update == "sparse" else "dense")
-            logits = self.margin(cos_theta, targets, **self._margin_inputs(total_embeddings, cos_theta,
-                                                                          targets, distributed)).float()
-            return distributed_cross_entropy(logits, targets, distributed)
+            grad_layout = "sparse" if self.update == "sparse" else "dense"
+            if getattr(self.margin, "computes_logits", False):
+                logits = self.margin(total_embeddings, self.weight, rows, targets, grad_layout)
+            else:
+                cos_theta = cosine_logits(total_embeddings, self.weight, rows, grad_layout=grad_layout)
+                logits = self.margin(cos_theta, targets, **self._margin_inputs(total_embeddings, cos_theta,
+                                                                              targets, distributed))
+            return distributed_cross_entropy(logits.to(self.weight.dtype), targets, distributed)
 
     def _margin_inputs(self, total_embeddings: torch.Tensor, cos_theta: torch.Tensor, targets: torch.Tensor,
                        distributed: bool) -> dict[str, torch.Tensor]:

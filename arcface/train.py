@@ -260,8 +260,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     objective_optimizer = objective.build_optimizer(cfg, base_lr)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.runtime.fp16_init_scale,
                                   enabled=cfg.runtime.amp == "fp16")
-    total_steps = cfg.total_steps(loader.num_images, world_size)
-    steps_per_epoch = cfg.steps_per_epoch(loader.num_images, world_size)
+    # An epoch is every image once (every identity once with the P x K sampler).
+    epoch_samples = getattr(loader, "samples_per_epoch", loader.num_images)
+    total_steps = cfg.total_steps(epoch_samples, world_size)
+    steps_per_epoch = cfg.steps_per_epoch(epoch_samples, world_size)
     accumulation = cfg.optim.accumulation_steps
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -317,6 +319,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     for note in (init_note, import_note):
         if note:
             logger.info(note)
+    if cfg.data.sampler != "shuffle":
+        logger.info(loader.describe())
     logger.info(resume_note or "starting a fresh run")
     if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         logger.info("tip: on CPU, THP_MEM_ALLOC_ENABLE=1 (set by ./run.sh) backs large tensors with huge "

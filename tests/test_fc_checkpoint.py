@@ -164,3 +164,21 @@ def test_shard_files_refuse_arbitrary_pickles(tmp_path: Path) -> None:
     torch.save({"format_version": 1, "payload": Evil()}, tmp_path / shard_filename(0, 1))
     with pytest.raises(FCCheckpointError, match="cannot read FC shard"):
         load_fc_resharded(tmp_path, pfc)
+
+
+def test_head_buffers_are_saved_and_restored(tmp_path: Path) -> None:
+    """Running values of the margin head (the same on every rank) travel in the shards: AdaFace's norm
+    statistics after two steps come back in a fresh head."""
+    from arcface.margins import build_margin
+
+    pfc = PartialFC(ClassPartition(NUM_CLASSES, 1, 0), DIM, build_margin("adaface", scale=8.0), seed=1)
+    for seed in (0, 1):
+        embeddings, labels = _batch(seed)
+        pfc(embeddings * 3.0, labels)
+    saved = {name: buffer.clone() for name, buffer in pfc.margin.named_buffers()}
+    assert saved["batch_mean"] != 20.0 and saved["batch_std"] != 100.0  # moved from their initial values
+    save_fc_shard(tmp_path, pfc)
+    fresh = PartialFC(ClassPartition(NUM_CLASSES, 1, 0), DIM, build_margin("adaface", scale=8.0), seed=2)
+    load_fc_resharded(tmp_path, fresh)
+    for name, buffer in fresh.margin.named_buffers():
+        assert torch.equal(buffer, saved[name]), name

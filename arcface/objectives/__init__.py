@@ -101,5 +101,6 @@ def build_objective(cfg: Any, num_classes: int, rank: int, world_size: int,
 
 
 def _import_builtins() -> None:
-    # The built-in objectives register themselves on import (this order is loss.kind's list of choices).
-    from arcface.objectives import joint, margin_softmax, pairwise  # noqa: F401
+    # The built-in objectives register themselves on import.
+    from arcface.objectives import joint, margin_softmax, pairwise  # noqa: F401, I001
+    from arcface.objectives import center_loss  # noqa: F401

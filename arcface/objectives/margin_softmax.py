@@ -1,6 +1,7 @@
 """Margin softmax over the sharded Partial FC classifier (ArcFace, CosFace, SphereFace, ... ; the
 project's default objective, ``loss.kind = "margin_softmax"``): :class:`arcface.partial_fc.PartialFC`
-with the margin of ``loss.margin``, its row optimiser, and its FC shard files in checkpoints."""
+with the margin of ``loss.margin`` (or, with ``loss.head = "lsoftmax"``, the L-Softmax head of
+:mod:`arcface.lsoftmax`), its row optimiser, and its FC shard files in checkpoints."""
 
 from __future__ import annotations
 
@@ -18,10 +19,16 @@ __all__ = ["MarginSoftmaxObjective", "build_partial_fc", "build_fc_optimizer_fro
 
 def build_partial_fc(cfg: Any, num_classes: int, rank: int, world_size: int,
                      device: torch.device) -> PartialFC:
-    """This rank's Partial FC shard with the configured margin, sample rate and update."""
-    from arcface.margins import build_margin
+    """This rank's Partial FC shard with the configured head (``loss.head``: a cosine margin, or
+    L-Softmax), sample rate and update."""
+    if cfg.loss.head == "lsoftmax":
+        from arcface.lsoftmax import LSoftmaxHead
 
-    margin = build_margin(cfg.loss.margin, **cfg.loss.margin_kwargs())
+        margin = LSoftmaxHead(**cfg.loss.lsoftmax_kwargs())
+    else:
+        from arcface.margins import build_margin
+
+        margin = build_margin(cfg.loss.margin, **cfg.loss.margin_kwargs())
     return PartialFC(ClassPartition(num_classes, world_size, rank), cfg.backbone.embedding_size, margin,
                      sample_rate=cfg.fc.sample_rate, update=cfg.fc.update, device=device,
                      seed=cfg.runtime.seed)
