@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = ROOT / "configs" / "demo_cpu.toml"
+# --loss: the objective the demo trains, each a recipe delta from configs/demo_cpu.toml, and the held-out
+# accuracy it must reach (chance 50%).
+DEMO_RECIPES = {
+    "arcface": ROOT / "configs" / "demo_cpu.toml",                 # ArcFace over the sharded Partial FC
+    "triplet": ROOT / "configs" / "demo_cpu_triplet.toml",         # FaceNet: semi-hard triplets
+    "center": ROOT / "configs" / "demo_cpu_center.toml",           # softmax + center loss
+    "contrastive": ROOT / "configs" / "demo_cpu_contrastive.toml",  # DeepID2: softmax + contrastive
+}
+DEMO_TARGETS = {"arcface": 0.93, "triplet": 0.90, "center": 0.90, "contrastive": 0.90}
+DEMO_RECIPE = DEMO_RECIPES["arcface"]
 
 
 @dataclass
@@ -40,6 +49,7 @@ class DemoResult:
     """What the demo measured (also written to ``OUT/summary.json``)."""
 
     out: str
+    loss: str = "arcface"
     train_images: int = 0
     train_identities: int = 0
     heldout_pairs: int = 0
@@ -139,10 +149,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per update")
     parser.add_argument("--sample-rate", type=float, default=0.5, help="Partial FC sample rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic identities")
-    parser.add_argument("--target", type=float, default=0.93,
-                        help="held-out verification accuracy the trained model must reach")
+    parser.add_argument("--loss", default="arcface", choices=list(DEMO_RECIPES),
+                        help="the training objective: arcface (margin softmax over the sharded Partial FC), "
+                             "triplet (FaceNet, semi-hard mining over the global batch), center (softmax + "
+                             "center loss) or contrastive (DeepID2: softmax + contrastive)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="held-out verification accuracy the trained model must reach (default: "
+                             + ", ".join(f"{loss} {target:g}" for loss, target in DEMO_TARGETS.items()) + ")")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
     args = parser.parse_args(argv)
+    if args.target is None:
+        args.target = DEMO_TARGETS[args.loss]
     if args.interrupt_at is None:
         args.interrupt_at = args.steps // 2
     if not 0 < args.interrupt_at < args.steps:
@@ -150,21 +167,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_demo(args: argparse.Namespace) -> DemoResult:
-    started = time.perf_counter()
-    out = Path(args.out).resolve()
-    if out.exists():
-        if not (out / "demo.json").exists() and any(out.iterdir()):
-            raise SystemExit(f"demo: {out} exists and is not a demo output folder; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "demo.json").write_text(json.dumps(vars(args), indent=2))
-    data, run_dir = out / "data", out / "run"
-    result = DemoResult(out=str(out))
-    steps = 12 - (1 if args.no_export else 0)
-    runner = Runner(steps, out)
-    pack_rec, torchrun = _tool("pack_rec"), _tool("torchrun")
-
+def make_demo_data(runner: Runner, data: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The demo's data with the commands a user would type: synthetic training identities packed into
+    verified RecordIO shards, and disjoint held-out identities as a verification pack. Returns the
+    shards' manifest and the pack."""
+    pack_rec = _tool("pack_rec")
     runner.run("synthetic training identities", [
         *pack_rec, "synth", "-o", str(data / "faces_train"), "--identities", str(args.identities),
         "--images-per-identity", str(args.images), "--seed", str(args.seed), "--workers", str(args.workers)])
@@ -182,10 +189,27 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     runner.run("dataset summary", [*pack_rec, "info", str(manifest)])
     runner.run("verification pack of the held-out pairs", [
         *pack_rec, "bin", str(data / "heldout_pairs.txt"), "-o", str(data / "heldout.bin")])
+    return manifest, data / "heldout.bin"
 
+
+def run_demo(args: argparse.Namespace) -> DemoResult:
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    if out.exists():
+        if not (out / "demo.json").exists() and any(out.iterdir()):
+            raise SystemExit(f"demo: {out} exists and is not a demo output folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "demo.json").write_text(json.dumps(vars(args), indent=2))
+    data, run_dir = out / "data", out / "run"
+    result = DemoResult(out=str(out), loss=args.loss)
+    steps = 12 - (1 if args.no_export else 0)
+    runner = Runner(steps, out)
+    torchrun = _tool("torchrun")
+    manifest, heldout_bin = make_demo_data(runner, data, args)
     train_cmd = [*torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "arcface.train",
-                 str(DEMO_RECIPE), f"data.rec={manifest}", f"output.dir={run_dir}",
-                 f"eval.bins=[{data / 'heldout.bin'}]", f"schedule.total_steps={args.steps}",
+                 str(DEMO_RECIPES[args.loss]), f"data.rec={manifest}", f"output.dir={run_dir}",
+                 f"eval.bins=[{heldout_bin}]", f"schedule.total_steps={args.steps}",
                  f"runtime.batch_size={args.batch_size}", f"fc.sample_rate={args.sample_rate}",
                  f"eval.every={max(1, args.steps // 2)}",
                  f"output.checkpoint_every={max(1, args.steps // 4)}", f"runtime.device={args.device}"]
@@ -193,7 +217,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     runner.run("the untrained model: a step-0 checkpoint", train_cmd + ["--max-steps", "0"], env)
     step0 = run_dir / "checkpoints" / "step_00000000"
     runner.run("evaluate the untrained model", [
-        *_tool("arcface-eval"), "--model", str(step0), "--bin", f"heldout={data / 'heldout.bin'}",
+        *_tool("arcface-eval"), "--model", str(step0), "--bin", f"heldout={heldout_bin}",
         "--output", str(out / "eval_before")])
     log_file = run_dir / "train.log"
     runner.run(f"train, interrupted at update {args.interrupt_at} (as when a job's time slot ends)",
@@ -201,12 +225,12 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     resumed_from_line = _line_count(log_file)
     runner.run("resume from the latest checkpoint and finish", train_cmd + ["output.resume=auto"], env)
     runner.run("evaluate the trained model (report with ROC plot)", [
-        *_tool("arcface-eval"), "--model", str(run_dir), "--bin", f"heldout={data / 'heldout.bin'}",
+        *_tool("arcface-eval"), "--model", str(run_dir), "--bin", f"heldout={heldout_bin}",
         "--output", str(out / "eval")])
     if not args.no_export:
         runner.run("export ONNX and check parity with the checkpoint", [
             *_tool("arcface-export"), "--model", str(run_dir), "--output", str(out / "export"),
-            "--eval-pack", str(data / "heldout.bin")])
+            "--eval-pack", str(heldout_bin)])
         model_json = out / "export" / "model.json"
         if model_json.exists():
             parity = json.loads(model_json.read_text()).get("parity", {})
@@ -244,7 +268,8 @@ def print_summary(result: DemoResult, target: float) -> None:
         f"training data     {result.train_images} images of {result.train_identities} synthetic identities "
         f"in {result.num_shards} RecordIO shards ({result.shard_bytes / 2**20:.1f} MiB)",
         f"evaluation data   {result.heldout_pairs} pairs of held-out identities (never seen in training)",
-        f"training          {result.steps} updates, interrupted at {result.interrupted_at} and resumed; "
+        f"training          {result.loss} ({DEMO_RECIPES[result.loss].name}), {result.steps} updates, "
+        f"interrupted at {result.interrupted_at} and resumed; "
         f"{result.samples_per_second:.1f} samples/s (global, after resume)",
         f"verification acc. before {100 * result.accuracy_before:.2f}%  ->  after "
         f"{100 * result.accuracy_after:.2f}% +- {100 * result.accuracy_after_std:.2f}% "

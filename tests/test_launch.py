@@ -4,6 +4,7 @@ reported in one line each, never a torchrun traceback."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,9 +50,13 @@ def test_the_same_error_on_two_ranks_is_reported_once(tmp_path: Path) -> None:
                    f"output.dir={tmp_path / 'run'}", *SMALL, nproc=2)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 1
-    assert err.strip().splitlines() == [
-        f"./run.sh train: training failed on ranks 0, 1: {tmp_path / 'missing.rec'}: record file not found",
-        f"./run.sh train: log {tmp_path / 'run' / 'train.log'}; no checkpoint yet"]
+    # Which ranks report it depends on timing: once one rank fails, torchrun stops the others (SIGTERM),
+    # and a rank stopped before it reached the error is a consequence, not listed. The message: once.
+    failure, where = err.strip().splitlines()
+    missing = re.escape(str(tmp_path / "missing.rec"))
+    assert re.fullmatch(rf"\./run\.sh train: training failed on (rank [01]|ranks 0, 1): {missing}: "
+                        "record file not found", failure), failure
+    assert where == f"./run.sh train: log {tmp_path / 'run' / 'train.log'}; no checkpoint yet"
 
 
 @pytest.mark.distributed
