@@ -98,7 +98,7 @@ def incomplete_pack_error(journal: str | os.PathLike) -> RecordIOError:
     command = data.get("command")
     count = f"{done} of {total} shards" if isinstance(total, int) else f"{done} shard(s) finished"
     rerun = f"rerun `{command}` to finish it" if command else \
-        f"rerun `pack_rec pack SOURCE {prefix} --resume` with the options it was started with"
+        f"rerun `pack_rec pack SOURCE -o {prefix} --resume` with the options it was started with"
     return RecordIOError(f"incomplete pack: {count}; {rerun} (its journal {journal.name} is beside it; "
                          f"until then this is not a dataset)", str(prefix))
 

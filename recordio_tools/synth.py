@@ -756,7 +756,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             root = "" if args.pairs_format == "list" else f" --root {shlex.quote(str(args.out))}"
             target = shlex.quote(str(path.with_name(path.stem.removesuffix("_pairs") + ".bin")))
             print(f"wrote {args.pairs} pairs ({args.pairs_format} format, {where}) to {path}; "
-                  f"verification pack: pack_rec bin {shlex.quote(str(path))} {target}{root}")
+                  f"verification pack: pack_rec bin {shlex.quote(str(path))} -o {target}{root}")
     except (ValueError, OSError) as error:
         print(f"pack_rec synth: {error}", file=sys.stderr)
         return 2

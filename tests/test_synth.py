@@ -224,11 +224,11 @@ def test_synth_pairs_feed_pack_rec_bin_as_printed(tmp_path, capsys, fmt):
     --root OUT for LFW names) builds a pack whose images are exactly the files the pairs name."""
     out = tmp_path / "data" / "faces_val"
     pairs_file = tmp_path / "data" / "faces_val_pairs.txt"
-    assert pack_rec_main(["synth", "--out", str(out), "--identities", "3", "--images-per-identity", "3",
+    assert pack_rec_main(["synth", "-o", str(out), "--identities", "3", "--images-per-identity", "3",
                           "--first-identity", "7", "--pairs", "20", "--pairs-format", fmt, "--quiet"]) == 0
     printed = capsys.readouterr().out
     command = shlex.split(printed.split("verification pack: ", 1)[1].strip())
-    assert command[:4] == ["pack_rec", "bin", str(pairs_file), str(tmp_path / "data" / "faces_val.bin")]
+    assert command[:5] == ["pack_rec", "bin", str(pairs_file), "-o", str(tmp_path / "data" / "faces_val.bin")]
     assert ("--root" in command) == (fmt == "lfw")
     if fmt == "list":
         first_line = pairs_file.read_text().splitlines()[0].split()
