@@ -51,7 +51,7 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
         ["loss.head=lsoftmax", "loss.lsoftmax_margin=2", "loss.m2=0.0", "loss.margin=softmax"],
     ),
     "center": ("softmax + center loss", "demo_cpu_center.toml", []),
-    "deepid2": ("DeepID2 (softmax + contrastive)", "demo_cpu_contrastive.toml", []),
+    "deepid2": ("DeepID2 (softmax + contrastive, λ = 1)", "demo_cpu_contrastive.toml", []),
     "contrastive": ("contrastive", "demo_cpu_contrastive.toml", ["loss.kind=contrastive"]),
     "triplet_semihard": ("triplet, semi-hard (FaceNet)", "demo_cpu_triplet.toml", []),
     "triplet_batch_hard": (
