@@ -9,8 +9,8 @@
 * the recipe and overrides are loaded and validated BEFORE any worker starts: a typo'd key is one line
   on stderr and exit status 2 (torchrun would start every worker, each would fail, and its own
   traceback would follow);
-* a failed worker ends in one line per distinct error, with the ranks that hit it, where the log is and
-  the latest checkpoint; exit status 1;
+* a failed worker ends in one line (one per distinct error): the ranks that hit it, the message, where
+  the log is and the latest checkpoint; exit status 1;
 * SIGTERM / SIGINT (preemption, Ctrl-C): torchrun forwards the signal, every worker writes its
   preemption checkpoint and stops, and the launcher says where that checkpoint is and how to resume;
   exit status 128 + the signal number.
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun(torchrun_args)
     except ChildFailedError as exc:
-        for line in _failure_lines(exc.failures):
-            print(f"{PROG}: training failed on {line}", file=sys.stderr)
-        print(f"{PROG}: {_where(output_dir)}", file=sys.stderr)
+        lines = [f"{PROG}: training failed on {line}" for line in _failure_lines(exc.failures)]
+        lines[-1] += f"; {_where(output_dir)}"  # one line for one error, where to look at its end
+        print("\n".join(lines), file=sys.stderr)
         return 1
     except SignalException as exc:
         name = signal.Signals(exc.sigval).name
