@@ -47,7 +47,7 @@ MARGINS = ["softmax", "sphereface", "arcface", "arcface:straight_through", "cosf
 CLOCK: Callable[[], float] = time.thread_time
 
 
-def _time_pair(ours: Callable[[], None], ref: Callable[[], None], warmup: int, repeats: int
+def time_pair(ours: Callable[[], None], ref: Callable[[], None], warmup: int, repeats: int
                ) -> tuple[float, float]:
     """Best seconds of ``ours`` and ``ref``, timed alternately."""
     for _ in range(warmup):
@@ -127,7 +127,7 @@ def bench_margins(batch: int, classes: int, warmup: int, repeats: int) -> list[t
     rows = []
     for name in MARGINS:
         step = _margin_step(name, cos_theta, labels, ce_labels, norms)
-        ours, ref = _time_pair(step, reference, warmup, repeats)
+        ours, ref = time_pair(step, reference, warmup, repeats)
         rows.append((name, ours, ref))
         print(f"  {name:28s} {ours * 1e3:8.2f} ms  vs CE {ref * 1e3:8.2f} ms  = {ours / ref:5.2f}x",
               flush=True)
@@ -161,7 +161,7 @@ def bench_metric(batch: int, dim: int, warmup: int, repeats: int) -> list[tuple[
         def step(fn=fn) -> None:
             embeddings.grad = None
             fn().backward()
-        ours, ref = _time_pair(step, reference, warmup, repeats)
+        ours, ref = time_pair(step, reference, warmup, repeats)
         rows.append((name, ours, ref))
         print(f"  {name:28s} {ours * 1e3:8.2f} ms  vs cdist {ref * 1e3:8.2f} ms  = {ours / ref:5.2f}x",
               flush=True)

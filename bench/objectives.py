@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arcface.config import load_config  # noqa: E402
 from arcface.objectives import Objective, build_objective  # noqa: E402
+from bench.losses import time_pair  # noqa: E402
 
 # name -> loss overrides
 OBJECTIVES: dict[str, list[str]] = {
@@ -61,24 +61,6 @@ def step_fn(objective: Objective, embeddings: torch.Tensor, labels: torch.Tensor
         objective.zero_grad(set_to_none=True)
         objective(embeddings, labels).backward()
     return step
-
-
-def time_pair(ours: Callable[[], None], ref: Callable[[], None], warmup: int, repeats: int
-              ) -> tuple[float, float]:
-    """Best seconds of ``ours`` and ``ref``, timed alternately."""
-    for _ in range(warmup):
-        ours()
-        ref()
-    t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        ref()
-        t1 = time.thread_time()
-        ours()
-        t2 = time.thread_time()
-        t_ref.append(t1 - t0)
-        t_ours.append(t2 - t1)
-    return min(t_ours), min(t_ref)
 
 
 def main(argv: list[str] | None = None) -> int:
