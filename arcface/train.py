@@ -587,7 +587,8 @@ def parse_command(prog: str, argv: list[str] | None, report_error: Callable[[str
     if not argv:
         parser.print_help(sys.stderr)
         return None
-    args = parser.parse_args(argv)
+    # Intermixed: options may come between the overrides (``RECIPE -q k=v``), as users type them.
+    args = parser.parse_intermixed_args(argv)
     if args.from_insightface_config is not None:
         return args, None
     if args.config is None:

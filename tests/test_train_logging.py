@@ -94,7 +94,7 @@ def test_quiet_run_prints_nothing_and_a_finished_run_names_the_next_commands(
 
     small = ["schedule.total_steps=2", "schedule.warmup_steps=1", "runtime.batch_size=4",
              "data.synthetic_num_images=32", "backbone.embedding_size=32", "output.tensorboard=false"]
-    assert main(["cpu_synthetic", f"output.dir={tmp_path / 'quiet'}", *small, "-q"]) == 0
+    assert main(["cpu_synthetic", "-q", f"output.dir={tmp_path / 'quiet'}", *small]) == 0  # options anywhere
     assert capsys.readouterr().out == ""
     assert "step 2/2" in (tmp_path / "quiet" / "train.log").read_text()
     out = tmp_path / "loud"
