@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         help="PNG to write (docs/losses_comparison.png; with --quick a temporary file)",
     )
     parser.add_argument("--json", default=None, help="also write the curves as JSON here")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no training: the table and plot from the curves of earlier runs (--json files; a family found "
+        "in several files is taken from the last)",
+    )
     args = parser.parse_args(argv)
     names = args.only or (QUICK_FAMILIES if args.quick else list(FAMILIES))
     args.steps = args.steps or (20 if args.quick else 300)
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     started = time.perf_counter()
+    if args.from_json:
+        by_name = {r["name"]: r for path in args.from_json for r in json.loads(Path(path).read_text())}
+        return report([by_name[name] for name in names if name in by_name], args, started)
     with tempfile.TemporaryDirectory(prefix="loss-comparison-") as tmp:
         work = Path(tmp)
         print(
@@ -214,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"({result['seconds']:.0f} s)",
                     flush=True,
                 )
+    return report(results, args, started)
+
+
+def report(results: list[dict], args: argparse.Namespace, started: float) -> int:
+    """Write the plot (and the JSON) and print the table; 1 if any family failed."""
     plot_path = (
         Path(args.plot)
         if args.plot
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     plot(results, plot_path, args.steps)
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
     print(
