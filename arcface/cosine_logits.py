@@ -82,14 +82,20 @@ class _CosineLogits(torch.autograd.Function):
         radial_w.masked_fill_(w_norm.squeeze(1) <= _EPS, 0.0)
         grad_rows = unit_w.mul_(radial_w.neg_().unsqueeze(1))
         grad_rows.addmm_(grad_cos.t(), unit_emb).div_(w_norm)
-        if rows is None:
-            grad_weight = grad_rows
-        elif ctx.grad_layout == "sparse":
-            grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows, ctx.weight_shape,
-                                                  is_coalesced=True, check_invariants=False)
-        else:
-            grad_weight = grad_rows.new_zeros(ctx.weight_shape).index_copy_(0, rows, grad_rows)
-        return grad_emb, grad_weight, None, None
+        return grad_emb, weight_gradient(grad_rows, rows, ctx.grad_layout, ctx.weight_shape), None, None
+
+
+def weight_gradient(grad_rows: torch.Tensor, rows: torch.Tensor | None, layout: str,
+                    weight_shape: torch.Size) -> torch.Tensor:
+    """The gradient of the whole shard ``weight_shape`` from the gradient of its sampled ``rows``
+    (sorted, unique; None = every row): a sparse COO tensor of those rows (``layout = "sparse"``, for
+    the row optimisers) or a dense tensor that is zero elsewhere."""
+    if rows is None:
+        return grad_rows
+    if layout == "sparse":
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows, weight_shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad_rows.new_zeros(weight_shape).index_copy_(0, rows, grad_rows)
 
 
 def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None = None,

@@ -183,7 +183,47 @@ class FaceTrainDataset(Dataset):
 
 # -- sampler -------------------------------------------------------------------------------------------
 
-class ResumableDistributedSampler(Sampler[int]):
+class _EpochPosition(Sampler[int]):
+    """What the training samplers share: an epoch counter and the position ``consumed`` in it (in the
+    sampler's own global units, :attr:`consumed_per_batch` per global batch), moved only by
+    :meth:`advance` when a batch reaches the loop, so that a checkpoint's position is exact mid-epoch."""
+
+    epoch: int
+    consumed: int
+    batch_size: int
+
+    @property
+    def consumed_per_batch(self) -> int:  # pragma: no cover - each sampler says what one batch consumes
+        raise NotImplementedError
+
+    def iter_batches(self) -> Iterator[tuple[int, np.ndarray]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def remaining_batches(self, consumed: int | None = None) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        for _, indices in self.iter_batches():
+            yield from indices.tolist()
+
+    def __len__(self) -> int:
+        return self.remaining_batches() * self.batch_size
+
+    def advance(self, num_batches: int = 1) -> None:
+        """Mark ``num_batches`` global batches as consumed; roll over to the next epoch when none is left."""
+        self.consumed += num_batches * self.consumed_per_batch
+        if self.remaining_batches() == 0:
+            self.epoch += 1
+            self.consumed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch``; a no-op for the current epoch (keeps a resumed position)."""
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self.consumed = 0
+
+
+class ResumableDistributedSampler(_EpochPosition):
     """Per-epoch seeded shuffle shared by all ranks; rank ``r`` takes slice ``r`` of every global batch.
 
     The position (``consumed``: samples of the epoch handed out, counted in *global* samples) advances
@@ -211,6 +251,10 @@ class ResumableDistributedSampler(Sampler[int]):
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.consumed = 0
+
+    @property
+    def consumed_per_batch(self) -> int:
+        return self.global_batch_size
 
     @property
     def global_batch_size(self) -> int:
@@ -259,26 +303,6 @@ class ResumableDistributedSampler(Sampler[int]):
             positions = np.arange(first, first + self.batch_size) % self.num_samples
             yield epoch, order[positions]
 
-    def __iter__(self) -> Iterator[int]:
-        for _, indices in self.iter_batches():
-            yield from indices.tolist()
-
-    def __len__(self) -> int:
-        return self.remaining_batches() * self.batch_size
-
-    def advance(self, num_batches: int = 1) -> None:
-        """Mark ``num_batches`` global batches as consumed; roll over to the next epoch when none is left."""
-        self.consumed += num_batches * self.global_batch_size
-        if self.remaining_batches() == 0:
-            self.epoch += 1
-            self.consumed = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of ``epoch``; a no-op for the current epoch (keeps a resumed position)."""
-        if int(epoch) != self.epoch:
-            self.epoch = int(epoch)
-            self.consumed = 0
-
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
                 "num_samples": self.num_samples, "world_size": self.world_size, "batch_size": self.batch_size}
@@ -312,7 +336,7 @@ class ResumableDistributedSampler(Sampler[int]):
 _PK_STREAM = 0x504B
 
 
-class DistributedPKSampler(Sampler[int]):
+class DistributedPKSampler(_EpochPosition):
     """Identity-balanced batches: each rank gets P identities x K images, ranks' identities disjoint.
 
     Epoch ``e`` is one permutation of the identities, seeded by ``(seed, e)`` and the same on every rank,
@@ -376,6 +400,10 @@ class DistributedPKSampler(Sampler[int]):
         return self.batch_size // self.k
 
     @property
+    def consumed_per_batch(self) -> int:
+        return self.global_identities
+
+    @property
     def global_identities(self) -> int:
         """Identities in one global batch (all ranks)."""
         return self.world_size * self.identities_per_batch
@@ -426,26 +454,6 @@ class DistributedPKSampler(Sampler[int]):
         """The dataset items of one batch: ``(epoch, index, draw)``, draw = the slot among its identity's K
         (a repeated image gets its own augmentation)."""
         return [(epoch, index, slot % self.k) for slot, index in enumerate(indices.tolist())]
-
-    def __iter__(self) -> Iterator[int]:
-        for _, indices in self.iter_batches():
-            yield from indices.tolist()
-
-    def __len__(self) -> int:
-        return self.remaining_batches() * self.batch_size
-
-    def advance(self, num_batches: int = 1) -> None:
-        """Mark ``num_batches`` global batches as consumed; roll over to the next epoch when none is left."""
-        self.consumed += num_batches * self.global_identities
-        if self.remaining_batches() == 0:
-            self.epoch += 1
-            self.consumed = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of ``epoch``; a no-op for the current epoch (keeps a resumed position)."""
-        if int(epoch) != self.epoch:
-            self.epoch = int(epoch)
-            self.consumed = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.kind, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from arcface.cosine_logits import weight_gradient
+
 __all__ = ["LSoftmaxHead", "lsoftmax_logits", "lsoftmax_lambda", "chebyshev_psi"]
 
 _EPS = 1e-12
@@ -115,13 +117,7 @@ class _LSoftmaxLogits(torch.autograd.Function):
         target_rows = index.squeeze(1)[owned]
         grad_rows.index_add_(0, target_rows, (radial[owned] * b[owned] / a[owned]).unsqueeze(1)
                              * w.index_select(0, target_rows))
-        if rows is None:
-            grad_weight = grad_rows
-        elif ctx.grad_layout == "sparse":
-            grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows, ctx.weight_shape,
-                                                  is_coalesced=True, check_invariants=False)
-        else:
-            grad_weight = grad_rows.new_zeros(ctx.weight_shape).index_copy_(0, rows, grad_rows)
+        grad_weight = weight_gradient(grad_rows, rows, ctx.grad_layout, ctx.weight_shape)
         return grad_x, grad_weight, None, None, None, None, None
 
 
