@@ -130,12 +130,18 @@ def plot(results: list[dict], path: Path, steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for result in results:
-        if "accuracy" not in result:
-            continue
-        left.plot(*zip(*[(s, 100 * v) for s, v in result["accuracy"]]), marker="o", label=result["label"])
-        right.plot(*zip(*[(s, 100 * v) for s, v in result["val"]]), marker="o", label=result["label"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6.2))
+    drawn = [r for r in results if "accuracy" in r]
+    markers = "osD^vP*Xhp<>"
+    for index, result in enumerate(drawn):
+        style = {
+            "color": plt.cm.tab20.colors[(2 * index) % 20 + (index >= 10)],
+            "marker": markers[index % 12],
+            "linestyle": "-" if index % 2 == 0 else "--",
+            "label": result["label"],
+        }
+        left.plot(*zip(*[(s, 100 * v) for s, v in result["accuracy"]]), **style)
+        right.plot(*zip(*[(s, 100 * v) for s, v in result["val"]]), **style)
     left.set(
         xlabel="update",
         ylabel="held-out accuracy (%)",
@@ -146,11 +152,11 @@ def plot(results: list[dict], path: Path, steps: int) -> None:
     right.set(xlabel="update", ylabel="VAL (%)", title="VAL @ FAR = 1e-3", xlim=(0, steps))
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="lower right")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(
         "Training objectives on the demo data (mobilefacenet_s, D 128, global batch 64, 2 CPU ranks)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
