@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from arcface.checkpoint import config_digest  # re-exported: the model card's config_sha256
 from recordio_tools.cli_style import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -478,13 +479,6 @@ def count_parameters(model: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------------------
 # Export, parity, latency, model card
 # --------------------------------------------------------------------------------------------------
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    """SHA-256 of the resolved config in canonical JSON (:func:`arcface.checkpoint.config_digest`)."""
-    from arcface.checkpoint import config_digest as digest
-
-    return digest(config)
 
 
 def export_model(model, exporter: str = "torchscript", opset: int | None = None,

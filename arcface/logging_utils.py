@@ -157,7 +157,7 @@ class MetricLogger:
         self._data_wait += float(data_wait_s)
         if self._bar is not None:
             self._bar.update(1)
-        if step % self.log_every != 0 and step != self.total_steps:
+        if not self.logs_at(step):
             return None
         if grad_norm is not None:
             self._grad_norm = float(grad_norm)
@@ -182,6 +182,10 @@ class MetricLogger:
                                                                   (extra or {}).items()}})
         self._reset_window(step)
         return line
+
+    def logs_at(self, step: int) -> bool:
+        """Whether :meth:`update` of ``step`` writes a line (every ``log_every`` updates and the last)."""
+        return step % self.log_every == 0 or step == self.total_steps
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Write TensorBoard scalars (rank 0; no-op without TensorBoard); non-finite values are skipped."""

@@ -62,6 +62,8 @@ from arcface.distributed import (
     scale_gradient,
     select_device,
 )
+from arcface.launch import LAUNCHER_ENV
+from arcface.launch import PROG as LAUNCHER_PROG
 from arcface.logging_utils import MetricLogger
 from arcface.objectives import Objective, build_objective
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
@@ -406,9 +408,9 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
             if applied:
                 # The objective's own scalars (e.g. the share of active triplets) of the update's last
                 # micro-batch, read only on the steps that write a line.
-                logs_now = state.step % cfg.runtime.log_every == 0 or state.step == total_steps
                 logger.update(state.step, loss_value, lr, data_wait_s=data_wait, grad_norm=norm_value,
-                              epoch=state.epoch, extra=objective.log_values() if logs_now else None)
+                              epoch=state.epoch, extra=objective.log_values() if logger.logs_at(state.step)
+                              else None)
 
             # ------------------------------------------------------------ verify
             if packs and state.step % cfg.eval.every == 0:
@@ -535,8 +537,8 @@ def _checkpoint(cfg: TrainConfig, state: TrainingState, loader: Any, scaler: tor
 def _prog() -> str:
     """The command the user typed, for messages: ``arcface-train`` for the console script, ``python -m
     arcface.train`` when run as a module (also under torchrun), ``./run.sh train`` under the launcher."""
-    if os.environ.get("ARCFACE_LAUNCHER") == "1":
-        return "./run.sh train"
+    if os.environ.get(LAUNCHER_ENV) == "1":
+        return LAUNCHER_PROG
     return "arcface-train" if Path(sys.argv[0]).name == "arcface-train" else "python -m arcface.train"
 
 
@@ -570,7 +572,7 @@ def _report_error(message: str) -> None:
     """A known error (bad data, config or checkpoint) as one line. Under the launcher it goes to
     torchrun's per-worker error file, and the launcher prints each distinct message once."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if os.environ.get("ARCFACE_LAUNCHER") == "1" and error_file:
+    if os.environ.get(LAUNCHER_ENV) == "1" and error_file:
         Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
         return
     rank = os.environ.get("RANK")
