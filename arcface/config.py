@@ -37,7 +37,7 @@ __all__ = [
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Presets of arcface.margins.build_margin. Kept here (not imported) so that validating a config does not
+# Presets of arcface.head.margins.build_margin. Kept here (not imported) so that validating a config does not
 # need torch; tests check the two lists agree once the margins module exists.
 MARGIN_NAMES = ("softmax", "normface", "sphereface", "arcface", "cosface", "am-softmax", "combined",
                 "adaface", "curricularface")
@@ -181,13 +181,13 @@ class BackboneConfig(_Section):
 class LossConfig(_Section):
     """The training objective (``kind``) and its settings: the margin softmax over the sharded FC with
     its classifier head (``head = "cosine"``: logits ``scale * (cos(m1 * theta + m2) - m3)`` at the target
-    class; ``"lsoftmax"``: L-Softmax on unnormalised logits, arcface.lsoftmax), also the identification
+    class; ``"lsoftmax"``: L-Softmax on unnormalised logits, arcface.head.lsoftmax), also the identification
     part of ``softmax+contrastive`` and ``softmax+center``; the pair / triplet losses over the global batch
     and center loss (docs/losses.md)."""
 
     _name: ClassVar[str] = "loss"
     kind: str = _f("margin_softmax", "training objective (arcface.objectives): " + ", ".join(OBJECTIVE_KINDS))
-    margin: str = _f("arcface", "preset of arcface.margins.build_margin: " + ", ".join(MARGIN_NAMES))
+    margin: str = _f("arcface", "preset of arcface.head.margins.build_margin: " + ", ".join(MARGIN_NAMES))
     scale: float = _f(64.0, "logit scale s")
     m1: float = _f(1.0, "SphereFace multiplicative angular margin (1 = none)")
     m2: float = _f(0.5, "ArcFace additive angular margin in radians (0 = none)")
@@ -300,13 +300,13 @@ class LossConfig(_Section):
                                      "loss.margin = 'combined'")
 
     def lsoftmax_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``arcface.lsoftmax.LSoftmaxHead(**kwargs)``."""
+        """Keyword arguments for ``arcface.head.lsoftmax.LSoftmaxHead(**kwargs)``."""
         return {"margin": self.lsoftmax_margin, "lambda_base": self.lsoftmax_lambda_base,
                 "lambda_gamma": self.lsoftmax_lambda_gamma, "lambda_power": self.lsoftmax_lambda_power,
                 "lambda_min": self.lsoftmax_lambda_min}
 
     def margin_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``arcface.margins.build_margin(self.margin, **kwargs)``."""
+        """Keyword arguments for ``arcface.head.margins.build_margin(self.margin, **kwargs)``."""
         if self.margin in ("adaface", "curricularface"):
             return {"scale": self.scale}  # their own margin parameters come from the preset
         return {"scale": self.scale, "m1": self.m1, "m2": self.m2, "m3": self.m3, "gradient": self.gradient,

@@ -68,7 +68,7 @@ class DemoResult:
 # The console scripts of setup.cfg and their modules: a source tree run with PYTHONPATH=. (no install)
 # has no scripts, so the demo falls back to ``python -m MODULE``.
 _TOOL_MODULES = {"pack_rec": "recordio_tools.cli", "arcface-eval": "eval.cli",
-                 "arcface-export": "arcface.export", "torchrun": "torch.distributed.run"}
+                 "arcface-export": "arcface.deploy.export", "torchrun": "torch.distributed.run"}
 
 
 def _tool(name: str) -> list[str]:

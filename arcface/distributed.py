@@ -192,7 +192,7 @@ class _ScaleGradient(torch.autograd.Function):
 def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the incoming gradient by ``factor`` in the backward.
 
-    Why the trainer needs it: :class:`arcface.partial_fc.PartialFC` returns the mean loss over the
+    Why the trainer needs it: :class:`arcface.head.partial_fc.PartialFC` returns the mean loss over the
     GLOBAL batch and gives each rank's embeddings exactly the gradient of that loss. DDP then AVERAGES
     the backbone gradients over the ``W`` ranks, i.e. divides the (already complete) sum of the
     per-sample contributions by ``W``. Putting ``scale_gradient(embeddings, world_size)`` between the

@@ -62,12 +62,12 @@ from arcface.distributed import (
     scale_gradient,
     select_device,
 )
+from arcface.interop.run_import import import_configured_run
 from arcface.launch import LAUNCHER_ENV
 from arcface.launch import PROG as LAUNCHER_PROG
 from arcface.logging_utils import MetricLogger
 from arcface.objectives import Objective, build_objective
 from arcface.optim import build_backbone_optimizer, lr_at, set_lr
-from arcface.run_import import import_configured_run
 from arcface.train_state import (
     CHECKPOINTS_DIR,
     TrainingState,
@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
         torch.backends.cudnn.benchmark = True
 
     # The same seed on every rank: identical backbone initialisation (DDP would broadcast rank 0's
-    # anyway); the FC initialisation is independent of W by construction (arcface.partial_fc).
+    # anyway); the FC initialisation is independent of W by construction (arcface.head.partial_fc).
     seed_everything(cfg.runtime.seed)
     backbone = (backbone_factory or _build_backbone)(cfg).to(device)
     init_note = ""
@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
     # ---------------------------------------------------------------- resume
     state = TrainingState()
     # Another trainer's run named by the config (output.resume_from_insightface) is imported once, as this
-    # run's first checkpoint; the resume below then loads it like any other (arcface.run_import).
+    # run's first checkpoint; the resume below then loads it like any other (arcface.interop.run_import).
     import_note = import_configured_run(cfg, checkpoints_dir, num_images=loader.num_images,
                                         num_classes=loader.num_classes, loader_state=loader.state_dict(),
                                         rank=rank, world_size=world_size)
@@ -606,7 +606,7 @@ def parse_command(prog: str, argv: list[str] | None, report_error: Callable[[str
 
 def run_translation(args: argparse.Namespace) -> int:
     """``--from-insightface-config``: print the recipe translated from an arcface_torch config."""
-    from arcface.insightface_config import main as translate_insightface_config
+    from arcface.interop.insightface_config import main as translate_insightface_config
 
     return translate_insightface_config(args.from_insightface_config, gpus=args.insightface_gpus)
 

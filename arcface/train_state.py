@@ -7,7 +7,7 @@ A training checkpoint is a checkpoint directory in the sense of :mod:`arcface.ch
         backbone.pt                        rank 0: backbone state_dict (unwrapped from DDP / compile)
         optimizer.pt                       rank 0: backbone optimiser state_dict (replicated by DDP)
         fc_shard_00000-of-00002.pt ...     every rank: the objective's state, e.g. its FC rows + row
-                                           optimiser state (arcface.fc_checkpoint, resharded on load
+                                           optimiser state (arcface.head.shard_checkpoint, resharded on load
                                            by class range; arcface.objectives)
         rng_00000-of-00002.pt ...          every rank: torch / CUDA / numpy / python RNG states
         meta.json                          rank 0, LAST: format version, step, world size, config,

@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from arcface.config import load_config  # noqa: E402
-from arcface.margins import build_margin  # noqa: E402
-from arcface.partial_fc import PartialFC  # noqa: E402
-from arcface.partition import ClassPartition  # noqa: E402
+from arcface.head.margins import build_margin  # noqa: E402
+from arcface.head.partial_fc import PartialFC  # noqa: E402
+from arcface.head.partition import ClassPartition  # noqa: E402
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -4,7 +4,7 @@
     python bench/export.py --quick    # mobilefacenet and r18 at batch 1 and 4 (< 60 s)
 
 For each backbone (512-d, random weights with BN statistics calibrated on one random batch: latency does
-not depend on the values) the script exports with arcface.export.export_model (TorchScript exporter +
+not depend on the values) the script exports with arcface.deploy.export.export_model (TorchScript exporter +
 BatchNorm folding), then times the median of
 ``--runs`` calls after one warm-up, for onnxruntime and PyTorch eager (fp32, inference mode), both with
 ``--threads`` intra-op threads (default 1). ``ratio`` = PyTorch ms / onnxruntime ms (> 1: the ONNX model
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arcface import export  # noqa: E402
+from arcface.deploy import export  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 
 

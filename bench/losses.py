@@ -9,7 +9,7 @@ on the same logits, ``F.cross_entropy(64 * cos_theta, labels)`` with the scaled 
 ``exp(logit - max)`` underflow into fp32 subnormals, which are slow on x86 CPUs. The default shape is one
 rank's share of an MS1M-class run (85k classes over 8 GPUs ~ 10.6k local columns, 1024 all-gathered rows).
 
-Rows ``fused:*`` time :func:`arcface.losses.margin_cross_entropy`, the combined margin and the
+Rows ``fused:*`` time :func:`arcface.objectives.losses.margin_cross_entropy`, the combined margin and the
 cross-entropy fused into one buffer (same value and gradient as the modular path).
 
 Metric table: each metric-learning loss on [B, D] embeddings (8 images per identity, P x K) against the
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arcface import losses as L  # noqa: E402
-from arcface.margins import build_margin, subcenter_max  # noqa: E402
+from arcface.head.margins import build_margin, subcenter_max  # noqa: E402
+from arcface.objectives import losses as L  # noqa: E402
 
 MARGINS = ["softmax", "sphereface", "arcface", "arcface:straight_through", "cosface", "combined",
            "arcface:filter0.4", "adaface", "curricularface", "subcenter_arcface(k=3)",

@@ -33,9 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arcface.margins import build_margin  # noqa: E402
-from arcface.partial_fc import PartialFC, partial_fc_memory_bytes  # noqa: E402
-from arcface.partition import ClassPartition  # noqa: E402
+from arcface.head.margins import build_margin  # noqa: E402
+from arcface.head.partial_fc import PartialFC, partial_fc_memory_bytes  # noqa: E402
+from arcface.head.partition import ClassPartition  # noqa: E402
 
 
 class PeakMemory:

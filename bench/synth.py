@@ -112,7 +112,7 @@ def learnability(train_ids: int, per_id: int, heldout_ids: int, pairs: int, trai
     import torch
     import torch.nn.functional as F
 
-    from arcface.margins import CombinedMargin
+    from arcface.head.margins import CombinedMargin
     from arcface.preprocess import decode_rgb, flip_horizontal, normalize, to_chw_uint8
     from backbones import create_backbone
     from eval.metrics import kfold_accuracy, l2_normalize, squared_l2_distance

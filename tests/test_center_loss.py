@@ -3,8 +3,8 @@ references.
 
 References: the center loss and the paper's centre rule written out per sample and per class in
 float64 (Python loops, autograd only for the embedding gradient); the dense single-process softmax
-(``F.cross_entropy`` on the full classifier: cosine margin logits, or ``arcface.losses.LSoftmax``); an
-uninterrupted training run for the resume checks.
+(``F.cross_entropy`` on the full classifier: cosine margin logits, or
+``arcface.objectives.losses.LSoftmax``); an uninterrupted training run for the resume checks.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface.fc_checkpoint import FCCheckpointError, list_fc_shards
-from arcface.losses import LSoftmax
-from arcface.lsoftmax import LSoftmaxHead
-from arcface.margins import CombinedMargin
+from arcface.head.lsoftmax import LSoftmaxHead
+from arcface.head.margins import CombinedMargin
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
+from arcface.head.shard_checkpoint import FCCheckpointError, list_fc_shards
 from arcface.objectives.center_loss import CenterLossOptimizer, ShardedCenters, SoftmaxCenterObjective
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
+from arcface.objectives.losses import LSoftmax
 from tests.dist_utils import run_distributed
 from tests.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory
 
@@ -224,7 +224,7 @@ def test_config_builds_the_objective_and_refuses_bad_values() -> None:
 
 
 def test_a_checkpoint_without_centres_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from arcface.fc_checkpoint import save_fc_shard
+    from arcface.head.shard_checkpoint import save_fc_shard
 
     part = ClassPartition(CLASSES, 1, 0)
     save_fc_shard(tmp_path, PartialFC(part, DIM, make_head("cosine")))  # a margin-softmax shard

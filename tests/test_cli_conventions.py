@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from arcface import embed, export
+from arcface.deploy import embed, export
 from eval import cli as eval_cli
 from recordio_tools import cli as pack_rec_cli
 from recordio_tools.errors import RecordIOError

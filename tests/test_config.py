@@ -83,7 +83,7 @@ def test_every_objective_kind_is_registered_and_unknown_kinds_are_named():
 
 
 def test_every_margin_name_builds_from_the_config():
-    from arcface import margins
+    from arcface.head import margins
 
     assert set(config_module.MARGIN_NAMES) == set(margins.MARGIN_PRESETS)
     neutral = {"loss.m1": "1.0", "loss.m2": "0.0", "loss.m3": "0.0"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface.cosine_logits import cosine_logits
+from arcface.head.cosine_logits import cosine_logits
 
 BATCH, CLASSES, DIM = 6, 13, 9
 

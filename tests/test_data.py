@@ -288,14 +288,14 @@ def test_synthetic_mode_is_fixed_and_resumable():
 
 _FORK_SCRIPT = """
 import sys, cv2, numpy as np
-import arcface.data
+import arcface.data.loader
 from arcface.config import load_config
 from arcface.data import build_train_loader
-_init = arcface.data._worker_init
+_init = arcface.data.loader._worker_init
 def worker_init(worker_id):  # worker code that configures OpenCV: hangs if the parent's pool was inherited
     cv2.setNumThreads(1)
     _init(worker_id)
-arcface.data._worker_init = worker_init
+arcface.data.loader._worker_init = worker_init
 cv2.setNumThreads(2)
 cv2.GaussianBlur(np.zeros((2000, 2000, 3), np.uint8), (0, 0), 3.0)  # the parent's OpenCV pool is running
 loader = build_train_loader(load_config(None, [f"data.rec={sys.argv[1]}", "data.num_workers=2",

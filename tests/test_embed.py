@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from arcface import embed, export
 from arcface.checkpoint import load_backbone, save_backbone_checkpoint
 from arcface.config import load_config
+from arcface.deploy import embed, export
 from backbones import create_backbone
 from recordio_tools.align import align_face
 from recordio_tools.synth import render_identity_image, render_identity_sample

@@ -25,9 +25,10 @@ from torch import nn
 
 import arcface
 import backbones
-from arcface import export, preprocess
+from arcface import preprocess
 from arcface.checkpoint import load_backbone, save_backbone_checkpoint
 from arcface.config import load_config
+from arcface.deploy import export
 from backbones import create_backbone, list_backbones
 
 DEEP = {"r100", "r200"}

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcface.fc_checkpoint import FCCheckpointError, load_fc_resharded, save_fc_shard, shard_filename
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
+from arcface.head.shard_checkpoint import FCCheckpointError, load_fc_resharded, save_fc_shard, shard_filename
 from tests.dist_utils import run_distributed
 
 NUM_CLASSES, DIM = 13, 6
@@ -169,7 +169,7 @@ def test_shard_files_refuse_arbitrary_pickles(tmp_path: Path) -> None:
 def test_head_buffers_are_saved_and_restored(tmp_path: Path) -> None:
     """Running values of the margin head (the same on every rank) travel in the shards: AdaFace's norm
     statistics after two steps come back in a fresh head."""
-    from arcface.margins import build_margin
+    from arcface.head.margins import build_margin
 
     pfc = PartialFC(ClassPartition(NUM_CLASSES, 1, 0), DIM, build_margin("adaface", scale=8.0), seed=1)
     for seed in (0, 1):

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from arcface.fc_optim import RowAdamW, RowSGD, build_fc_optimizer
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
+from arcface.head.row_optim import RowAdamW, RowSGD, build_fc_optimizer
 
 ROWS, DIM = 12, 5
 # Sorted rows (PartialFC's case), unsorted rows and repeated rows (summed by coalescing).

@@ -48,7 +48,7 @@ def test_row_specs_parse_and_bad_ones_are_named() -> None:
 
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_largest_class_count_is_the_boundary_of_the_memory_formula(world_size: int) -> None:
-    from arcface.partial_fc import partial_fc_memory_bytes
+    from arcface.head.partial_fc import partial_fc_memory_bytes
 
     partial_fc = _load("partial_fc")
 
@@ -63,9 +63,9 @@ def test_largest_class_count_is_the_boundary_of_the_memory_formula(world_size: i
 
 
 def test_memory_formula_of_a_shard_is_the_module_function() -> None:
-    from arcface.margins import build_margin
-    from arcface.partial_fc import PartialFC, partial_fc_memory_bytes
-    from arcface.partition import ClassPartition
+    from arcface.head.margins import build_margin
+    from arcface.head.partial_fc import PartialFC, partial_fc_memory_bytes
+    from arcface.head.partition import ClassPartition
 
     for rate, update in ((1.0, "sparse"), (0.3, "sparse"), (0.3, "dense")):
         pfc = PartialFC(ClassPartition(1000, 1, 0), 8, build_margin("arcface"), rate, update)

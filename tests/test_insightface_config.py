@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from arcface.config import load_config
-from arcface.insightface_config import InsightFaceConfigError, translate_insightface_config
+from arcface.interop.insightface_config import InsightFaceConfigError, translate_insightface_config
 from arcface.optim import lr_at
 from arcface.train import main as train_main
 
@@ -127,7 +127,7 @@ def test_command_line_prints_the_recipe_and_lists_the_rest(capsys: pytest.Captur
 
 
 def test_margins_and_bad_values() -> None:
-    from arcface.insightface_config import _margin
+    from arcface.interop.insightface_config import _margin
 
     assert _margin((1.0, 0.0, 0.0))[0]["margin"] == "normface"
     assert _margin((1.0, 0.3, 0.2))[0]["margin"] == "combined"

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from arcface import embed, export
 from arcface.checkpoint import CheckpointError, load_backbone, load_initial_weights
+from arcface.deploy import embed, export
 from backbones import create_backbone, load_insightface_backbone
 from backbones.insightface import insightface_to_registry_key
 from eval.cli import main as eval_main

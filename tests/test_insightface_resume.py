@@ -54,7 +54,7 @@ def fixture_run() -> dict[str, torch.Tensor | dict]:
 
 
 def _shards(checkpoint: Path) -> list[dict]:
-    from arcface.fc_checkpoint import list_fc_shards
+    from arcface.head.shard_checkpoint import list_fc_shards
 
     return [torch.load(p, weights_only=True) for p in list_fc_shards(checkpoint)]
 
@@ -114,7 +114,7 @@ def _check_continuation(out: Path, results: list[dict], world_size: int, saved: 
 
 
 def _partitions(world_size: int) -> list:
-    from arcface.partition import ClassPartition
+    from arcface.head.partition import ClassPartition
 
     return ClassPartition(NUM_CLASSES, world_size, 0).all_ranks()
 
@@ -126,7 +126,7 @@ def saved() -> dict:
 
 def test_import_maps_backbone_and_its_momentum_by_name(tmp_path: Path, saved: dict) -> None:
     from arcface.config import load_config
-    from arcface.run_import import import_configured_run
+    from arcface.interop.run_import import import_configured_run
 
     cfg = load_config(None, resume_overrides(tmp_path, 1))
     note = import_configured_run(cfg, tmp_path / "checkpoints", num_images=48, num_classes=NUM_CLASSES,
@@ -186,7 +186,7 @@ def _copy_run(tmp_path: Path) -> Path:
 
 def _import(tmp_path: Path, run: Path, *extra: str) -> str:
     from arcface.config import load_config
-    from arcface.run_import import import_configured_run
+    from arcface.interop.run_import import import_configured_run
 
     overrides = [o for o in resume_overrides(tmp_path / "out", 1) if not o.startswith("output.resume_from")]
     cfg = load_config(None, [*overrides, f"output.resume_from_insightface={run}", *extra])
@@ -240,7 +240,7 @@ def test_config_mismatches_name_the_settings_to_use(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"1001 classes \(501 \+ 500 rows over 2 ranks\), the data here "
                                               r"has 1000"):
         from arcface.config import load_config
-        from arcface.run_import import import_configured_run
+        from arcface.interop.run_import import import_configured_run
 
         cfg = load_config(None, resume_overrides(tmp_path / "n", 1))
         import_configured_run(cfg, tmp_path / "n" / "checkpoints", num_images=48, num_classes=1000,

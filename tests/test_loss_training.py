@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcface import losses as L
-from arcface.margins import build_margin, subcenter_max
-from arcface.pk_sampler import PKBatchSampler
+from arcface.data.pk_batch_sampler import PKBatchSampler
+from arcface.head.margins import build_margin, subcenter_max
+from arcface.objectives import losses as L
 
 # Hundreds of tiny matrix products: a second intra-op thread only adds overhead (3x slower under load).
 pytestmark = pytest.mark.usefixtures("single_thread")

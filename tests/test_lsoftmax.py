@@ -1,7 +1,7 @@
-"""L-Softmax head (arcface.lsoftmax) against independent float64 references.
+"""L-Softmax head (arcface.head.lsoftmax) against independent float64 references.
 
-References: ``arcface.losses.LSoftmax`` (autograd through ``acos`` and the piecewise ``psi`` of the paper:
-a separate implementation, no Chebyshev polynomials, no hand-written gradient), the paper's formula
+References: ``arcface.objectives.losses.LSoftmax`` (autograd through ``acos`` and the piecewise ``psi`` of the
+paper: a separate implementation, no Chebyshev polynomials, no hand-written gradient), the paper's formula
 evaluated row by row, and ``torch.autograd.gradcheck`` (finite differences). The sharded classifier
 with this head on 2 and 3 ranks is checked in tests/test_center_loss.py (with and without the center
 term).
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from arcface.config import load_config
-from arcface.fc_checkpoint import load_fc_resharded, save_fc_shard
-from arcface.losses import LSoftmax, lsoftmax_psi
-from arcface.lsoftmax import LSoftmaxHead, chebyshev_psi, lsoftmax_lambda, lsoftmax_logits
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
+from arcface.head.lsoftmax import LSoftmaxHead, chebyshev_psi, lsoftmax_lambda, lsoftmax_logits
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
+from arcface.head.shard_checkpoint import load_fc_resharded, save_fc_shard
+from arcface.objectives.losses import LSoftmax, lsoftmax_psi
 
 DIM, CLASSES = 6, 9
 
@@ -51,7 +51,8 @@ def spread_batch(seed: int, margin: int, fractions: tuple[float, ...] = (0.5, 0.
 
 def reference(weight: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, margin: int,
               lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, loss, d loss / d embeddings, d loss / d weight) of arcface.losses.LSoftmax + cross-entropy."""
+    """(logits, loss, d loss / d embeddings, d loss / d weight) of
+    arcface.objectives.losses.LSoftmax + cross-entropy."""
     module = LSoftmax(DIM, weight.shape[0], margin=margin, base_weight=lam).double()
     with torch.no_grad():
         module.weight.copy_(weight)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface.margins import (
+from arcface.head.margins import (
     MARGIN_PRESETS,
     AdaFace,
     CombinedMargin,

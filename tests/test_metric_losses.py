@@ -1,6 +1,7 @@
-"""arcface.losses and arcface.pk_sampler against written-out references: brute-force loops over pairs and
-triplets, hand-built embedding sets whose mined triplets follow from the definitions, closed-form center
-loss / L-Softmax, sampling frequencies, and the numerical edge cases (one image per identity, coincident
+"""arcface.objectives.losses and arcface.data.pk_batch_sampler against written-out references: brute-force
+loops over pairs and triplets, hand-built embedding sets whose mined triplets follow from the definitions,
+closed-form center loss / L-Softmax, sampling frequencies, and the numerical edge cases (one image per
+identity, coincident
 and antipodal embeddings, bf16/fp16 autocast)."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface import losses as L
-from arcface.pk_sampler import PKBatchSampler
+from arcface.data.pk_batch_sampler import PKBatchSampler
+from arcface.objectives import losses as L
 
 DT = torch.float64
 
@@ -307,7 +308,7 @@ def _fused_inputs(seed: int, b: int = 24, n: int = 30):
 
 @pytest.mark.parametrize("name,overrides", FUSED_CASES)
 def test_fused_margin_cross_entropy_equals_modular_path(name, overrides):
-    from arcface.margins import build_margin
+    from arcface.head.margins import build_margin
 
     margin = build_margin(name, **overrides)
     cos, labels = _fused_inputs(11)
@@ -322,7 +323,7 @@ def test_fused_margin_cross_entropy_equals_modular_path(name, overrides):
 
 
 def test_fused_margin_cross_entropy_gradcheck_and_edges():
-    from arcface.margins import AdaFace, build_margin
+    from arcface.head.margins import AdaFace, build_margin
 
     margin = build_margin("arcface", scale=8.0)
     g = torch.Generator().manual_seed(12)

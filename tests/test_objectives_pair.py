@@ -2,10 +2,11 @@
 
 References:
 
-* the single-device loss functions of :mod:`arcface.losses` applied to the WHOLE global batch in float64
-  (square ``[B, B]`` distance matrices and their own mining, autograd for the gradients);
+* the single-device loss functions of :mod:`arcface.objectives.losses` applied to the WHOLE global
+  batch in float64 (square ``[B, B]`` distance matrices and their own mining, autograd for the gradients);
 * a FaceNet semi-hard example worked out by hand;
-* for the distance-weighted sampling, the reference probabilities ``arcface.losses.distance_weights``;
+* for the distance-weighted sampling, the reference probabilities
+  ``arcface.objectives.losses.distance_weights``;
 * for training, an uninterrupted run (exact resume) and a one-process run (W = 2 training).
 
 W-rank checks: every rank builds the objective from the config, gets its slice of the global batch, and
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface import losses as L
+from arcface.objectives import losses as L
 from tests.dist_utils import run_distributed
 from tests.test_train_loop import backbone_state, tiny_factory
 
@@ -54,7 +55,8 @@ def objective_cfg(name: str):  # noqa: ANN201
 
 def dense_reference(name: str, x: torch.Tensor, y: torch.Tensor,
                     margin_triplets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Loss and gradient of the whole batch by arcface.losses (float64 unless the case's FC is fp32)."""
+    """Loss and gradient of the whole batch by arcface.objectives.losses (float64 unless the case's FC
+    is fp32)."""
     x = x.detach().clone().requires_grad_()
     beta_grad = None
     if name.startswith("triplet/semihard"):
@@ -77,8 +79,8 @@ def dense_reference(name: str, x: torch.Tensor, y: torch.Tensor,
         ref.sample = lambda *args, **kwargs: margin_triplets  # type: ignore[method-assign]
         loss = ref(x, y)
     elif name == "softmax+contrastive":
-        from arcface.partial_fc import init_fc_weight
-        from arcface.partition import ClassPartition
+        from arcface.head.partial_fc import init_fc_weight
+        from arcface.head.partition import ClassPartition
 
         cfg = objective_cfg(name)
         weight = init_fc_weight(ClassPartition(NUM_CLASSES, 1, 0), DIM, cfg.runtime.seed).double()
@@ -252,7 +254,7 @@ def test_a_non_finite_embedding_makes_the_loss_non_finite(name: str) -> None:
 def test_distance_weighted_draws_follow_the_reference_probabilities() -> None:
     """Identity 0: 41 images at one point (1640 anchor-positive pairs with identical rows); 5 negatives at
     distances 0.6 .. 1.3. Three steps = 4920 draws from one distribution: the frequencies must match
-    arcface.losses.distance_weights (std <= 0.0072 per frequency; bound 0.03)."""
+    arcface.objectives.losses.distance_weights (std <= 0.0072 per frequency; bound 0.03)."""
     from arcface.objectives.pairwise import MarginObjective
 
     anchor = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)

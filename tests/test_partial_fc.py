@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcface.distributed import scale_gradient
-from arcface.margins import CombinedMargin
-from arcface.partial_fc import PartialFC, distributed_cross_entropy, init_fc_weight
-from arcface.partition import ClassPartition
+from arcface.head.margins import CombinedMargin
+from arcface.head.partial_fc import PartialFC, distributed_cross_entropy, init_fc_weight
+from arcface.head.partition import ClassPartition
 from tests.dist_utils import run_distributed
 
 # (scale, m1 SphereFace multiplicative, m2 ArcFace additive angular, m3 CosFace additive cosine)
@@ -26,13 +26,13 @@ MARGINS = {"arcface": (64.0, 1.0, 0.5, 0.0), "cosface": (64.0, 1.0, 0.0, 0.35),
            "combined": (64.0, 1.0, 0.3, 0.2)}
 
 
-# Margins whose batch statistics the sharded classifier must supply (arcface.margins hooks).
+# Margins whose batch statistics the sharded classifier must supply (arcface.head.margins hooks).
 STATEFUL_MARGINS = ("adaface", "curricularface")
 
 
 def make_margin(kind: str) -> nn.Module:
     if kind in STATEFUL_MARGINS:
-        from arcface.margins import build_margin
+        from arcface.head.margins import build_margin
 
         return build_margin(kind)
     scale, m1, m2, m3 = MARGINS[kind]

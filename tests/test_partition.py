@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arcface.partition import ClassPartition
+from arcface.head.partition import ClassPartition
 
 CASES = [(c, w) for w in (1, 2, 3, 4, 5, 7, 8, 16) for c in (w, w + 1, 2 * w - 1, 10, 11, 97, 1000, 1001)
          if c >= w]

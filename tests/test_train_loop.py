@@ -71,7 +71,7 @@ def make_cfg(out: Path, batch_size: int, *extra: str):  # noqa: ANN201
 
 def global_fc(checkpoint: Path) -> torch.Tensor:
     """The whole FC matrix of a checkpoint: its shards concatenated in class order."""
-    from arcface.fc_checkpoint import list_fc_shards
+    from arcface.head.shard_checkpoint import list_fc_shards
 
     return torch.cat([torch.load(p, weights_only=True)["weight"] for p in list_fc_shards(checkpoint)])
 

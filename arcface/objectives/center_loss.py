@@ -17,13 +17,13 @@ once per optimiser update, over the samples of that update (all micro-batches of
 
 so the loss's gradient flows to the embeddings only (``lambda (x_i - c_{y_i}) / B``).
 
-Sharding: rank ``r`` owns the centres of the classes of its FC shard (:class:`arcface.partition.
+Sharding: rank ``r`` owns the centres of the classes of its FC shard (:class:`arcface.head.partition.
 ClassPartition`), a ``[num_local, D]`` table next to the FC rows (the same memory again: 4 bytes per
 class and dimension). A step all-gathers the embeddings (autograd-aware: the backward reduce-scatters
 the gradient) and the labels; each rank computes the residuals of the rows whose class it owns, the
 partial sums of the loss are summed over ranks (the value is the same on every rank), and each rank
 updates only its own centres. The centres are saved inside the FC shard files and resharded with them
-by class range (:mod:`arcface.fc_checkpoint`), so a run resumes on any number of processes. Their
+by class range (:mod:`arcface.head.shard_checkpoint`), so a run resumes on any number of processes. Their
 update has no state of its own (no momentum), so the centres are everything there is to save.
 """
 
@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcface.distributed import all_gather_autograd, all_gather_tensor, get_world_size
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
 from arcface.objectives import Objective, register_objective
 from arcface.objectives.margin_softmax import build_fc_optimizer_from_config, build_partial_fc
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
 
 __all__ = ["ShardedCenters", "CenterLossOptimizer", "SoftmaxCenterObjective"]
 
@@ -206,7 +206,7 @@ class SoftmaxCenterObjective(Objective):
         return CenterLossOptimizer(build_fc_optimizer_from_config(self.pfc, cfg, lr), self.centers)
 
     def checkpoint_files(self, rank: int, world_size: int) -> list[str]:
-        from arcface.fc_checkpoint import shard_filename
+        from arcface.head.shard_checkpoint import shard_filename
 
         return [shard_filename(rank, world_size)]
 
@@ -215,13 +215,13 @@ class SoftmaxCenterObjective(Objective):
         return optimizer.fc_optimizer if isinstance(optimizer, CenterLossOptimizer) else optimizer
 
     def save(self, directory: Path, optimizer: torch.optim.Optimizer | None) -> None:
-        from arcface.fc_checkpoint import save_fc_shard
+        from arcface.head.shard_checkpoint import save_fc_shard
 
         save_fc_shard(directory, self.pfc, self._fc_optimizer(optimizer),
                       extra_rows={"centers": self.centers.centers})
 
     def load(self, directory: Path, optimizer: torch.optim.Optimizer | None) -> bool:
-        from arcface.fc_checkpoint import list_fc_shards, load_fc_resharded
+        from arcface.head.shard_checkpoint import list_fc_shards, load_fc_resharded
 
         list_fc_shards(directory)  # a clear error when a rank's shard is missing
         info = load_fc_resharded(directory, self.pfc, self._fc_optimizer(optimizer),

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from arcface.head.partial_fc import PartialFC
 from arcface.objectives import Objective, register_objective
 from arcface.objectives.margin_softmax import MarginSoftmaxObjective, build_partial_fc
 from arcface.objectives.pairwise import ContrastiveObjective
-from arcface.partial_fc import PartialFC
 
 __all__ = ["SoftmaxContrastiveObjective"]
 

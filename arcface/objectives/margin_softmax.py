@@ -1,7 +1,7 @@
 """Margin softmax over the sharded Partial FC classifier (ArcFace, CosFace, SphereFace, ... ; the
-project's default objective, ``loss.kind = "margin_softmax"``): :class:`arcface.partial_fc.PartialFC`
+project's default objective, ``loss.kind = "margin_softmax"``): :class:`arcface.head.partial_fc.PartialFC`
 with the margin of ``loss.margin`` (or, with ``loss.head = "lsoftmax"``, the L-Softmax head of
-:mod:`arcface.lsoftmax`), its row optimiser, and its FC shard files in checkpoints."""
+:mod:`arcface.head.lsoftmax`), its row optimiser, and its FC shard files in checkpoints."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
 from arcface.objectives import Objective, register_objective
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
 
 __all__ = ["MarginSoftmaxObjective", "build_partial_fc", "build_fc_optimizer_from_config"]
 
@@ -22,11 +22,11 @@ def build_partial_fc(cfg: Any, num_classes: int, rank: int, world_size: int,
     """This rank's Partial FC shard with the configured head (``loss.head``: a cosine margin, or
     L-Softmax), sample rate and update."""
     if cfg.loss.head == "lsoftmax":
-        from arcface.lsoftmax import LSoftmaxHead
+        from arcface.head.lsoftmax import LSoftmaxHead
 
         margin = LSoftmaxHead(**cfg.loss.lsoftmax_kwargs())
     else:
-        from arcface.margins import build_margin
+        from arcface.head.margins import build_margin
 
         margin = build_margin(cfg.loss.margin, **cfg.loss.margin_kwargs())
     return PartialFC(ClassPartition(num_classes, world_size, rank), cfg.backbone.embedding_size, margin,
@@ -63,17 +63,17 @@ class MarginSoftmaxObjective(Objective):
         return build_fc_optimizer_from_config(self.pfc, cfg, lr)
 
     def checkpoint_files(self, rank: int, world_size: int) -> list[str]:
-        from arcface.fc_checkpoint import shard_filename
+        from arcface.head.shard_checkpoint import shard_filename
 
         return [shard_filename(rank, world_size)]
 
     def save(self, directory: Path, optimizer: torch.optim.Optimizer | None) -> None:
-        from arcface.fc_checkpoint import save_fc_shard
+        from arcface.head.shard_checkpoint import save_fc_shard
 
         save_fc_shard(directory, self.pfc, optimizer)
 
     def load(self, directory: Path, optimizer: torch.optim.Optimizer | None) -> bool:
-        from arcface.fc_checkpoint import list_fc_shards, load_fc_resharded
+        from arcface.head.shard_checkpoint import list_fc_shards, load_fc_resharded
 
         list_fc_shards(directory)  # a clear error when a rank's shard is missing
         return bool(load_fc_resharded(directory, self.pfc, optimizer)["resharded"])

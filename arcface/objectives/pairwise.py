@@ -30,9 +30,9 @@ Why partial losses instead of every rank computing the same replicated loss on t
 keeping its own slice of the gradient (also exact): the replicated version does the whole ``O(B^2 D)``
 distance and mining work W times over, the partial one does ``1/W`` of it per rank.
 
-A batch without anything to learn from (no two images of one identity, or a single identity) gives a
-loss of exactly 0 with zero gradients, never NaN; ``log_values()`` then shows ``positive_pairs 0``.
-Everything runs in fp32 with autocast disabled (fp64 inputs stay fp64), like :mod:`arcface.losses`, whose
+A batch without anything to learn from (no two images of one identity, or a single identity) gives a loss of
+exactly 0 with zero gradients, never NaN; ``log_values()`` then shows ``positive_pairs 0``. Everything runs in
+fp32 with autocast disabled (fp64 inputs stay fp64), like :mod:`arcface.objectives.losses`, whose
 single-device functions are the references these objectives are tested against.
 """
 
@@ -224,8 +224,8 @@ class TripletObjective(_GlobalBatchObjective):
     the mined triplets of ``max(d(a,p) - d(a,n) + margin, 0)``. ``batch_hard`` (TriHard, Hermans et al.):
     per anchor the farthest positive and the closest negative, hinge with the margin, mean over anchors
     that have both. ``soft_margin``: the same pairs through ``log(1 + exp(d_ap - d_an))``. ``d`` is the
-    squared (FaceNet) or plain Euclidean distance. Reference: :func:`arcface.losses.triplet_loss`,
-    :func:`arcface.losses.batch_hard_triplet_loss`.
+    squared (FaceNet) or plain Euclidean distance. Reference: :func:`arcface.objectives.losses.triplet_loss`,
+    :func:`arcface.objectives.losses.batch_hard_triplet_loss`.
     """
 
     kind = "triplet"
@@ -312,7 +312,8 @@ class ContrastiveObjective(_GlobalBatchObjective):
     """Contrastive loss over every pair of the global batch (DeepID2's verification signal, Hadsell et
     al.) on L2-normalised embeddings: ``0.5 d^2`` for same-identity pairs, ``0.5 max(margin - d, 0)^2``
     for the others, d Euclidean; positive and negative pairs are each averaged, then added (so a batch
-    with few positives still pulls them together). Reference: :func:`arcface.losses.batch_contrastive_loss`.
+    with few positives still pulls them together).
+    Reference: :func:`arcface.objectives.losses.batch_contrastive_loss`.
     """
 
     kind = "contrastive"
@@ -364,7 +365,7 @@ class LiftedStructuredObjective(_GlobalBatchObjective):
 
     over the positive pairs ``i < j`` whose ends have a negative. Each rank computes the negative
     log-sum-exp of its own rows and all-gathers it with autograd (a second, ``[B]``-sized gather), since
-    ``J_ij`` needs both ends'. Reference: :func:`arcface.losses.lifted_structured_loss`.
+    ``J_ij`` needs both ends'. Reference: :func:`arcface.objectives.losses.lifted_structured_loss`.
     """
 
     kind = "lifted"
@@ -455,7 +456,7 @@ class MarginObjective(_GlobalBatchObjective):
         (sum (alpha + D_ap - beta)_+ + sum (alpha + beta - D_an)_+) / (number of nonzero terms) + nu * beta
 
     with beta a learnable scalar boundary, trained by its own SGD (``loss.margin_beta_lr``). Reference:
-    :class:`arcface.losses.DistanceWeightedMarginLoss` (with one global beta).
+    :class:`arcface.objectives.losses.DistanceWeightedMarginLoss` (with one global beta).
 
     The draw is W-independent and reproducible: one uniform number per anchor-positive pair of the global
     batch (row-major order) from the objective's own seeded CPU generator, the same on every rank, each

@@ -21,7 +21,7 @@ margins. What does not carry over from the cosine heads: there is no logit scale
 part) and no inter-class filtering (it thresholds cosines).
 
 The logits and their gradient are computed in closed form (one custom autograd function, the same
-gradient layouts as :func:`arcface.cosine_logits.cosine_logits`). With ``cos(m theta) = T_m(c)`` (the
+gradient layouts as :func:`arcface.head.cosine_logits.cosine_logits`). With ``cos(m theta) = T_m(c)`` (the
 Chebyshev polynomial, ``c = cos theta = z / (a b)``, ``z = W_y . x``, ``a = |W_y|``, ``b = |x|``) and
 ``psi'(c) = (-1)^k m U_{m-1}(c)``, the target logit's gradient is::
 
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from arcface.cosine_logits import weight_gradient
+from arcface.head.cosine_logits import weight_gradient
 
 __all__ = ["LSoftmaxHead", "lsoftmax_logits", "lsoftmax_lambda", "chebyshev_psi"]
 
@@ -143,7 +143,7 @@ def lsoftmax_logits(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.
 
 
 class LSoftmaxHead(nn.Module):
-    """L-Softmax head for :class:`arcface.partial_fc.PartialFC` (``computes_logits``: it receives the
+    """L-Softmax head for :class:`arcface.head.partial_fc.PartialFC` (``computes_logits``: it receives the
     gathered embeddings and the weight shard instead of cosines).
 
     Args:

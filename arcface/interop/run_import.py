@@ -5,11 +5,11 @@ layout of :mod:`arcface.train_state`) in ``output.dir/checkpoints``; the trainin
 exactly as from its own checkpoints, on any world size. So the loop has one call,
 :func:`import_configured_run`, and never branches on where a run came from:
 
-============================================  ==============================================
-config key                                    importer
-============================================  ==============================================
-``output.resume_from_insightface = DIR``      :func:`arcface.insightface_resume.import_insightface_run`
-============================================  ==============================================
+========================================  ==================================================================
+config key                                importer
+========================================  ==================================================================
+``output.resume_from_insightface = DIR``  :func:`~arcface.interop.insightface_resume.import_insightface_run`
+========================================  ==================================================================
 
 The import happens once: when ``output.dir/checkpoints`` already holds a checkpoint (the import itself,
 or anything trained after it), that checkpoint is resumed and the foreign run is not read again, so a
@@ -30,7 +30,7 @@ __all__ = ["RUN_IMPORTERS", "import_configured_run"]
 
 
 def _insightface(cfg: TrainConfig, source: str, checkpoints_dir: Path, **context: Any) -> str:
-    from arcface.insightface_resume import import_insightface_run
+    from arcface.interop.insightface_resume import import_insightface_run
 
     return import_insightface_run(cfg, source, checkpoints_dir, **context)
 

@@ -1,7 +1,7 @@
 """Losses other than the margin softmax: center loss, L-Softmax, and metric learning on embedding batches.
 
 The margin-softmax family (NormFace, SphereFace, ArcFace, CosFace, combined, AdaFace, CurricularFace,
-sub-center) lives in :mod:`arcface.margins`; this module holds the rest of the field:
+sub-center) lives in :mod:`arcface.head.margins`; this module holds the rest of the field:
 
 * :func:`margin_cross_entropy` — the combined margin + softmax cross-entropy fused into one buffer
   (same value and gradient as ``F.cross_entropy(margin(cos_theta, labels), labels)``, less memory traffic);
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcface.margins import CombinedMargin
+from arcface.head.margins import CombinedMargin
 
 _ACOS_EPS = 1e-7
 # below this squared distance two embeddings count as identical: sqrt's gradient is taken as 0 there
@@ -148,8 +148,8 @@ def margin_cross_entropy(cos_theta: torch.Tensor, labels: torch.Tensor,
     """``F.cross_entropy(margin(cos_theta, labels), labels, ignore_index=-1)`` fused into one pass.
 
     Mean over rows with ``labels >= 0``; rows with -1 are ignored (0 if all are). Same value and gradient
-    as the modular path for every :class:`~arcface.margins.CombinedMargin` setting (all m1/m2/m3, exact or
-    straight-through gradient, inter-class filtering), but the forward pass allocates one ``[B, N]``
+    as the modular path for every :class:`~arcface.head.margins.CombinedMargin` setting (all m1/m2/m3,
+    exact or straight-through gradient, inter-class filtering), but the forward pass allocates one ``[B, N]``
     buffer, reused in place for the logits and the probabilities, and the backward pass one more for the
     gradient, instead of the five or so full-size tensors of the modular path. Use it for single-device
     training where the classifier fits on one device; the sharded Partial FC has its own distributed

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from arcface.fc_optim import ROW_STATE_KEYS, RowAdamW, RowSGD
-from arcface.partial_fc import PartialFC
-from arcface.partition import ClassPartition
+from arcface.head.partial_fc import PartialFC
+from arcface.head.partition import ClassPartition
+from arcface.head.row_optim import ROW_STATE_KEYS, RowAdamW, RowSGD
 
 __all__ = ["FC_FORMAT_VERSION", "FCCheckpointError", "shard_filename", "save_fc_shard", "write_fc_shard_file",
            "load_fc_resharded", "list_fc_shards"]

@@ -16,7 +16,7 @@ arcface_torch                                         here
 rank 0's ``state_dict_backbone``                      ``backbone.pt`` (names: backbones.insightface)
 group 0 ``momentum_buffer`` (by parameter)            ``optimizer.pt``: torch SGD momentum, by name
 rank r's ``state_dict_softmax_fc["weight"]``          FC shard r of W: classes ``[r*(C//W) + min(r, C%W),
-                                                      ...)``, arcface_torch's split = arcface.partition's
+                                                      ...)``, arcface_torch's split = arcface.head.partition's
 group 1 ``momentum_buffer`` of rank r                 that shard's RowSGD momentum rows
 ``state_lr_scheduler``                                checked: the configured schedule must continue it
 ====================================================  ===============================================
@@ -49,7 +49,7 @@ import torch
 
 from arcface.checkpoint import BACKBONE_FILE, CheckpointError, backbone_kwargs, step_dirname, write_meta
 from arcface.config import TrainConfig
-from arcface.partition import ClassPartition
+from arcface.head.partition import ClassPartition
 
 __all__ = ["RUN_FILE_PATTERN", "InsightFaceSchedule", "list_run_files", "schedule_from_state",
            "import_insightface_run"]
@@ -290,7 +290,7 @@ def import_insightface_run(cfg: TrainConfig, source: str | Path, checkpoints_dir
     run continues on (for the schedule check). Everything is validated before the directory appears
     under its final name.
     """
-    from arcface.fc_checkpoint import write_fc_shard_file
+    from arcface.head.shard_checkpoint import write_fc_shard_file
     from arcface.train_state import OPTIMIZER_FILE, TRAINING_KIND, TrainingState
     from backbones.insightface import InsightFaceWeightsError, convert_insightface_state_dict
 

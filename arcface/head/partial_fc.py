@@ -8,7 +8,7 @@ Each rank owns the fp32 centres of its contiguous block of classes (:class:`Clas
    global batch, add negatives drawn uniformly at random (seeded generator) up to
    ``floor(sample_rate * num_local)`` rows, remap the labels to the sampled columns;
 3. cosine logits ``normalize(embeddings) @ normalize(sampled_weight).T`` in fp32
-   (:func:`arcface.cosine_logits.cosine_logits`: the rows are gathered once and that buffer becomes
+   (:func:`arcface.head.cosine_logits.cosine_logits`: the rows are gathered once and that buffer becomes
    their gradient, a sparse COO tensor of the sampled rows for the sparse update);
 4. the margin module on the local columns (label ``-1`` where the target is on another rank);
 5. distributed softmax cross-entropy: max all-reduce, sum all-reduce, exact log-sum-exp loss.
@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arcface.cosine_logits import cosine_logits
 from arcface.distributed import all_gather_autograd, all_gather_tensor, get_world_size, is_distributed
-from arcface.fc_optim import build_fc_optimizer
-from arcface.partition import ClassPartition
+from arcface.head.cosine_logits import cosine_logits
+from arcface.head.partition import ClassPartition
+from arcface.head.row_optim import build_fc_optimizer
 
 __all__ = ["PartialFC", "DistributedCrossEntropy", "distributed_cross_entropy", "init_fc_weight",
            "partial_fc_memory_bytes", "sampled_rows_count"]
@@ -153,9 +153,9 @@ class PartialFC(nn.Module):
             group's size; 1 without a process group).
         embedding_size: ``D``.
         margin: module ``(cos_theta [b, n], labels [b] column or -1) -> logits [b, n]``
-            (``arcface.margins.CombinedMargin`` and friends); applied to the local sampled columns.
+            (``arcface.head.margins.CombinedMargin`` and friends); applied to the local sampled columns.
             A head that computes its logits itself from the embeddings and the weight (class attribute
-            ``computes_logits = True``, e.g. ``arcface.lsoftmax.LSoftmaxHead``: unnormalised ``W x``)
+            ``computes_logits = True``, e.g. ``arcface.head.lsoftmax.LSoftmaxHead``: unnormalised ``W x``)
             is called as ``margin(total_embeddings, weight, rows, targets, grad_layout)`` instead of
             receiving cosines.
         sample_rate: fraction of the shard's classes used per step, in (0, 1]; 1 = plain model parallel.
@@ -281,7 +281,7 @@ class PartialFC(nn.Module):
 
     def _margin_inputs(self, total_embeddings: torch.Tensor, cos_theta: torch.Tensor, targets: torch.Tensor,
                        distributed: bool) -> dict[str, torch.Tensor]:
-        """Global per-row statistics some margins need (see arcface.margins): AdaFace's embedding norms
+        """Global per-row statistics some margins need (see arcface.head.margins): AdaFace's embedding norms
         (every rank has all of them after the all-gather) and CurricularFace's per-row target cosine,
         which lives on the target's owner only and is summed across ranks (zeros elsewhere)."""
         inputs: dict[str, torch.Tensor] = {}
