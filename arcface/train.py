@@ -52,6 +52,7 @@ from torch import nn
 
 from arcface import preprocess
 from arcface.checkpoint import CheckpointError, load_initial_weights, save_backbone_checkpoint
+from arcface.compiling import compile_backbone
 from arcface.config import TrainConfig, load_config
 from arcface.distributed import (
     DistContext,
@@ -201,10 +202,14 @@ def _verify(cfg: TrainConfig, packs: list[Any], backbone: nn.Module, ctx: DistCo
         dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.amp]
         embedder = ModelEmbedder(unwrap_model(backbone), device=ctx.device, batch_size=cfg.eval.batch_size,
                                  dtype=dtype)
-        for pack in packs:
-            result = evaluate_pack(embedder, pack, batch_size=cfg.eval.batch_size,
-                                   rank=ctx.rank if spread else 0, world_size=ctx.world_size if spread else 1)
-            results[pack.name] = result
+        # Eagerly, as the unwrapped whole-model compile does: blocks compiled in place would otherwise
+        # compile again for eval mode and every batch size of the packs.
+        with torch.compiler.set_stance("force_eager"):
+            for pack in packs:
+                result = evaluate_pack(embedder, pack, batch_size=cfg.eval.batch_size,
+                                       rank=ctx.rank if spread else 0,
+                                       world_size=ctx.world_size if spread else 1)
+                results[pack.name] = result
     if not spread:
         barrier()  # the other ranks wait here while rank 0 evaluates
     return results
@@ -305,7 +310,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None,
                                                         else None)
         model = ddp_model
     if cfg.runtime.compile:
-        model = torch.compile(model, backend=cfg.runtime.compile_backend)
+        model = compile_backbone(model, backbone, cfg.runtime.compile_scope, cfg.runtime.compile_backend)
     packs = _load_packs(cfg, rank) if cfg.eval.every > 0 else []
 
     logger = MetricLogger(output_dir, total_steps, cfg.global_batch_size(world_size), cfg.runtime.log_every,

@@ -7,6 +7,8 @@ Every backbone takes NCHW float32 RGB input normalised as ``(pixel - 127.5) / 12
 ``arcface.preprocess``), 112x112, and returns the raw (unnormalised) embedding ``[batch, D]``.
 Common options: ``embedding_size``, ``dropout`` (before the embedding FC), ``gradient_checkpointing``.
 Backbones never touch devices, autocast or process groups: the trainer applies those from outside.
+Each class names its repeated unit in ``repeated_blocks`` (metadata: the trainer's regional
+``torch.compile`` compiles those units one by one, see ``arcface.compiling``).
 
 Weights trained by InsightFace ``arcface_torch`` load with :func:`load_insightface_backbone` (key
 mapping and architecture detection in :mod:`backbones.insightface`).

@@ -13,6 +13,8 @@ a constructor flag and applies per residual stage.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -77,6 +79,9 @@ class EmbeddingHeadE(nn.Module):
 
 
 class IResNet(nn.Module):
+    # The repeated unit, for a trainer that compiles block by block (metadata only; see arcface.compiling).
+    repeated_blocks: ClassVar[tuple[type[nn.Module], ...]] = (IRBlock,)
+
     def __init__(self, layers: tuple[int, ...], embedding_size: int = 512, dropout: float = 0.0,
                  gradient_checkpointing: bool = False, input_size: int = 112) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ Single-device code: no distributed calls, no device placement, no autocast.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -70,6 +72,9 @@ class MobileFaceNet(nn.Module):
     unit, its residual units, stage 2's first unit, its residual units, stage 3's first unit, its
     residual units); ``None`` = proportional to ``width``.
     """
+
+    # The repeated unit, for a trainer that compiles block by block (metadata only; see arcface.compiling).
+    repeated_blocks: ClassVar[tuple[type[nn.Module], ...]] = (Bottleneck,)
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, gradient_checkpointing: bool = False,
                  blocks: tuple[int, int, int, int] = (1, 4, 6, 2), width: int = 2,

@@ -13,7 +13,9 @@ next one still runs), each writing its log to ``OUT/<part>.log``:
    channels_last (and one NCHW row), Partial FC 1M classes rate 0.1 sparse as the head: samples/s,
    peak memory, MFU against the bf16 matmul rate measured in the same run;
 3. ``compile``: ``torch.compile`` (inductor): the device check's compiled run against the eager one,
-   then the compiled r100 bf16 training throughput (compiling r100 takes minutes: a part of its own);
+   then the r100 bf16 training throughput with its residual units compiled one by one
+   (``runtime.compile_scope=blocks``: the whole-model compile of r100 did not finish in 2 minutes; the
+   row reports its first update, i.e. the compile time, apart);
 4. ``partial_fc``: ``bench/partial_fc.py``: 1M, 10M and the largest class count whose formula fits
    (D 512, global batch 512, rate 1.0 and 0.1 sparse/dense): step time against the three matrix
    products, peak memory against ``PartialFC.memory_bytes``;
@@ -65,7 +67,8 @@ def build_parts(args: argparse.Namespace, work: Path) -> list[Part]:
     limits = dict(zip(PART_NAMES, args.limits))
     throughput += ["--quick"] if quick else ["--time-budget", str(max(10.0, limits["throughput"] - 30))]
     # torch.compile on its own: the device check's compiled run against the eager one, then the
-    # compiled r100 training throughput (inductor; aot_eager on CPU, where inductor needs minutes).
+    # compiled r100 training throughput (inductor; aot_eager on CPU, where inductor needs minutes), its
+    # units compiled one by one: 8 small graphs instead of one of 49 units (bench/compile_time.py).
     backend = "inductor" if args.device == "cuda" else "aot_eager"
     compile_check = [
         py,
@@ -84,7 +87,7 @@ def build_parts(args: argparse.Namespace, work: Path) -> list[Part]:
         "--device",
         args.device,
         "--row",
-        "mobilefacenet_s,4,none,cl,compile" if quick else "r100,256,bf16,cl,compile",
+        "mobilefacenet_s,4,none,cl,compile:blocks" if quick else "r100,256,bf16,cl,compile:blocks",
     ]
     compile_row += ["--compile-backend", backend] + (
         ["--quick"] if quick else ["--warmup", "3", "--steps", "12"]

@@ -2,15 +2,17 @@
 
     python bench/train_throughput.py --device cuda                # r100 + r50, batch 256/128, bf16/fp16
     python bench/train_throughput.py --device cuda --row r100,256,bf16,cl,compile
+    python bench/train_throughput.py --device cuda --row r100,256,bf16,cl,compile:model
     python bench/train_throughput.py --device cuda --rec data/train.manifest.json --workers 8 16
     python bench/train_throughput.py --device cpu --quick         # the same code on CPU, tiny sizes
 
 Every row runs :func:`arcface.train.train` itself: the backbone (``runtime.amp``, ``runtime.channels_last``,
-``runtime.compile``), the sharded Partial FC as the head (``--classes`` 1M, rate 0.1, sparse update, SGD
-with momentum), gradient clipping, the per-update loss check and both optimisers. The data are
-synthetic uint8 images held on the device (no decoding), or with ``--rec`` a RecordIO dataset decoded by
-``--workers`` loader processes (pinned memory, prefetch stream): then the row also reports the loop's
-data-wait share, the fraction of the timed updates spent waiting for the next batch.
+``runtime.compile``, ``runtime.compile_scope``), the sharded Partial FC as the head (``--classes`` 1M,
+rate 0.1, sparse update, SGD with momentum), gradient clipping, the per-update loss check and both
+optimisers. The data are synthetic uint8 images held on the device (no decoding), or with ``--rec`` a
+RecordIO dataset decoded by ``--workers`` loader processes (pinned memory, prefetch stream): then the
+row also reports the loop's data-wait share, the fraction of the timed updates spent waiting for the
+next batch.
 
 A row is warm-up updates (cuDNN autotuning, compilation) then timed updates; the loop syncs with the
 host once per update (the loss check), so the time between two updates is the update's wall time. The
@@ -21,8 +23,11 @@ multiply-adds per image (``bench/backbones.count_macs``; x2 FLOPs, x3 for forwar
 classifier's FLOPs are not counted) over the rate of a square bf16 ``torch.mm`` measured in the same run
 (fp32 on CPU, where bf16 is emulated).
 
-Row syntax for ``--row``: ``BACKBONE,BATCH,AMP,LAYOUT[,compile]`` with AMP in none/fp16/bf16 and LAYOUT
-``cl`` (channels_last) or ``nchw``.
+Row syntax for ``--row``: ``BACKBONE,BATCH,AMP,LAYOUT[,compile[:SCOPE]]`` with AMP in none/fp16/bf16,
+LAYOUT ``cl`` (channels_last) or ``nchw`` and SCOPE ``blocks`` or ``model`` (``runtime.compile_scope``;
+plain ``compile`` takes the config's default, the faster to compile, see ``bench/compile_time.py``).
+A row's "first update s" is the wall time to the end of its first update: startup, cuDNN autotuning and,
+for compiled rows, the compilation.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # shadow the backbones package.
 sys.path.insert(0, str(ROOT))
 
-from arcface.config import load_config  # noqa: E402
+from arcface.config import COMPILE_SCOPES, RuntimeConfig, load_config  # noqa: E402
 from arcface.train import StopTraining, train  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from bench.backbones import count_macs, matmul_peak  # noqa: E402
@@ -60,28 +65,34 @@ class Row:
     channels_last: bool
     compile: bool = False
     workers: int | None = None  # None: synthetic in-memory data
+    compile_scope: str = RuntimeConfig().compile_scope
 
     @classmethod
     def parse(cls, spec: str) -> Row:
         parts = [p.strip() for p in spec.split(",")]
+        compile_spec = parts[4].split(":") if len(parts) == 5 else []
         if (
             len(parts) not in (4, 5)
             or parts[2] not in ("none", "fp16", "bf16")
             or parts[3] not in ("cl", "nchw")
-            or (len(parts) == 5 and parts[4] != "compile")
+            or (compile_spec and compile_spec[0] != "compile")
+            or len(compile_spec) > 2
+            or (len(compile_spec) == 2 and compile_spec[1] not in COMPILE_SCOPES)
             or not parts[1].isdigit()
         ):
             raise ValueError(
-                f"--row {spec!r}: expected BACKBONE,BATCH,AMP,LAYOUT[,compile] with AMP in "
-                "none/fp16/bf16 and LAYOUT cl/nchw, e.g. r100,256,bf16,cl,compile"
+                f"--row {spec!r}: expected BACKBONE,BATCH,AMP,LAYOUT[,compile[:SCOPE]] with AMP in "
+                "none/fp16/bf16, LAYOUT cl/nchw and SCOPE blocks/model, e.g. r100,256,bf16,cl,compile"
             )
-        return cls(parts[0], int(parts[1]), parts[2], parts[3] == "cl", len(parts) == 5)
+        scope = compile_spec[1] if len(compile_spec) == 2 else RuntimeConfig().compile_scope
+        return cls(parts[0], int(parts[1]), parts[2], parts[3] == "cl", bool(compile_spec),
+                   compile_scope=scope)
 
     @property
     def label(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
         data = "synthetic" if self.workers is None else f"RecordIO, {self.workers} workers"
-        compiled = "yes" if self.compile else "no"
+        compiled = self.compile_scope if self.compile else "no"
         return f"{self.backbone} | {self.batch} | {self.amp} | {layout} | {compiled} | {data}"
 
 
@@ -129,6 +140,7 @@ def run_row(
             f"runtime.channels_last={row.channels_last}",
             f"runtime.compile={row.compile}",
             f"runtime.compile_backend={args.compile_backend}",
+            f"runtime.compile_scope={row.compile_scope}",
             f"runtime.device={device.type}",
             f"fc.sample_rate={args.sample_rate}",
             "fc.update=sparse",
@@ -171,6 +183,7 @@ def run_row(
         "peak_gb": (memory.peak() - (0 if device.type == "cuda" else in_use)) / 1e9,
         "data_wait": sum(waits) / sum(durations),
         "wall_s": wall,
+        "first_s": stamps[0][1] - started if stamps else float("nan"),
         "final_loss": summary["losses"][-1],
         "skipped": len(summary["losses"]) - len(stamps),
     }
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="SPEC",
-        help="a configuration BACKBONE,BATCH,AMP,LAYOUT[,compile] (repeatable; default: the grid)",
+        help="a configuration BACKBONE,BATCH,AMP,LAYOUT[,compile[:SCOPE]] (repeatable; default: the grid)",
     )
     parser.add_argument(
         "--classes", type=int, default=None, help="Partial FC classes (1,000,000; 1,000 with --quick)"
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.rec:
         rows = [
-            Row(r.backbone, r.batch, r.amp, r.channels_last, r.compile, workers)
+            Row(r.backbone, r.batch, r.amp, r.channels_last, r.compile, workers, r.compile_scope)
             for r in rows
             for workers in args.workers
         ]
@@ -276,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"MFU {100 * mfu:.1f}%, "
                     f"peak {result['peak_gb']:.1f} GB, data wait {100 * result['data_wait']:.1f}%, "
                     f"skipped updates {result['skipped']}, last loss {result['final_loss']:.2f} "
-                    f"({result['wall_s']:.0f} s)",
+                    f"(first update {result['first_s']:.0f} s, row {result['wall_s']:.0f} s)",
                     flush=True,
                 )
             else:
@@ -287,16 +300,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         "\n| backbone | batch | autocast | layout | compile | data | samples/s | ms/update | MFU | peak GB "
-        "| data wait | row wall s |"
+        "| data wait | first update s | row wall s |"
     )
-    print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row, result in results:
         if isinstance(result, str):
-            print(f"| {row.label} | {result} | | | | | |")
+            print(f"| {row.label} | {result} | | | | | | |")
         else:
             print(
                 f"| {row.label} | {result['rate']:,.0f} | {result['ms']:.1f} | {100 * result['mfu']:.1f}% | "
-                f"{result['peak_gb']:.1f} | {100 * result['data_wait']:.1f}% | {result['wall_s']:.0f} |"
+                f"{result['peak_gb']:.1f} | {100 * result['data_wait']:.1f}% | {result['first_s']:.0f} | "
+                f"{result['wall_s']:.0f} |"
             )
     print(
         "\nGMACs per image: "

@@ -146,6 +146,8 @@ def test_malformed_overrides_name_the_key(override: str, key: str):
     (["data.grayscale_prob=2"], "data.grayscale_prob"),
     (["runtime.amp=fp8"], "runtime.amp"),
     (["runtime.device=tpu"], "runtime.device"),
+    (["runtime.compile_scope=layers"], "runtime.compile_scope"),
+    (["runtime.compile=true", "backbone.gradient_checkpointing=true"], "runtime.compile_scope"),
     (["output.keep_last=0"], "output.keep_last"),
     (["eval.every=-1"], "eval.every"),
     (["loss.margin=adaface", "loss.m2=0.0", "fc.sample_rate=0.5"], "fc.sample_rate"),
@@ -153,6 +155,14 @@ def test_malformed_overrides_name_the_key(override: str, key: str):
 def test_invalid_values_raise_naming_the_key(overrides: list[str], key: str):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_gradient_checkpointing_compiles_the_whole_model_only():
+    """Regional compile cannot run inside a checkpointed stage's eager recompute (arcface.config): the
+    combination is refused, the whole-model scope and the scope without compile are accepted."""
+    for extra in (["runtime.compile_scope=model"], ["runtime.compile=false"]):
+        cfg = load_config(None, ["runtime.compile=true", "backbone.gradient_checkpointing=true", *extra])
+        assert cfg.backbone.gradient_checkpointing
 
 
 def test_cosface_and_combined_margins_validate():

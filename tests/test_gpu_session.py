@@ -11,6 +11,8 @@ from types import ModuleType
 
 import pytest
 
+from arcface.config import RuntimeConfig
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -34,6 +36,10 @@ def test_row_specs_parse_and_bad_ones_are_named() -> None:
         True,
         True,
     )
+    # Plain "compile" takes the config's default scope; a scope after a colon is that scope.
+    assert row.compile_scope == RuntimeConfig().compile_scope
+    assert throughput.Row.parse("r100,256,bf16,cl,compile:model").compile_scope == "model"
+    assert throughput.Row.parse("r100,256,bf16,cl,compile:blocks").compile_scope == "blocks"
     assert not throughput.Row.parse("r50, 128, fp16, nchw").channels_last
     for bad in (
         "r100,256,bf16",
@@ -41,6 +47,8 @@ def test_row_specs_parse_and_bad_ones_are_named() -> None:
         "r100,256,fp8,cl",
         "r100,256,bf16,nhwc",
         "r100,256,bf16,cl,jit",
+        "r100,256,bf16,cl,compile:layers",
+        "r100,256,bf16,cl,compile:model:x",
     ):
         with pytest.raises(ValueError, match="BACKBONE,BATCH,AMP,LAYOUT"):
             throughput.Row.parse(bad)
@@ -90,7 +98,7 @@ def test_every_part_of_the_gpu_session_runs_on_cpu(
     logs = {part: (tmp_path / f"{part}.log").read_text() for part in session.PART_NAMES}
     assert "| train fp32 (vs CPU) | PASS" in logs["check"]
     assert "| train compile aot_eager (vs eager) | PASS" in logs["compile"]
-    assert "| mobilefacenet_s | 4 | none | channels_last | yes | synthetic |" in logs["compile"]
+    assert "| mobilefacenet_s | 4 | none | channels_last | blocks | synthetic |" in logs["compile"]
     assert "MFU" in logs["throughput"] and "largest class count" in logs["partial_fc"]
     assert "RecordIO, 2 workers" in logs["data"] and "demo summary" in logs["demo"]
     assert capsys.readouterr().out.rstrip().endswith("```")  # the summary is printed last

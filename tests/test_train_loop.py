@@ -48,12 +48,46 @@ class TinyNet(nn.Module):
         return out
 
 
+class TinyBlock(nn.Module):
+    """A per-sample residual unit (Linear -> PReLU, optionally BatchNorm1d first)."""
+
+    def __init__(self, width: int, batchnorm: bool) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.PReLU(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(self.bn(x)))
+
+
+class TinyBlockNet(TinyNet):
+    """TinyNet followed by three repeated units, declared for regional compilation."""
+
+    repeated_blocks = (TinyBlock,)
+
+    def __init__(self, embedding_size: int, batchnorm: bool = False) -> None:
+        super().__init__(embedding_size, batchnorm)
+        self.units = nn.Sequential(*(TinyBlock(embedding_size, batchnorm) for _ in range(3)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.units(super().forward(images))
+
+
 def tiny_factory(cfg) -> nn.Module:  # noqa: ANN001
     return TinyNet(cfg.backbone.embedding_size)
 
 
 def tiny_bn_factory(cfg) -> nn.Module:  # noqa: ANN001
     return TinyNet(cfg.backbone.embedding_size, batchnorm=True)
+
+
+def tiny_blocks_factory(cfg) -> nn.Module:  # noqa: ANN001
+    return TinyBlockNet(cfg.backbone.embedding_size)
+
+
+def tiny_blocks_bn_factory(cfg) -> nn.Module:  # noqa: ANN001
+    return TinyBlockNet(cfg.backbone.embedding_size, batchnorm=True)
 
 
 def make_cfg(out: Path, batch_size: int, *extra: str):  # noqa: ANN201
@@ -113,6 +147,16 @@ def _w3_load_then_continue(rank: int, world_size: int, out: str) -> dict:
     summary = train(cfg, backbone_factory=tiny_factory)
     return {"rows": rows, "momentum": momentum, "step": state.step, "resharded": meta["resharded"],
             "losses": summary["losses"], "resumed_from": summary["resumed_from"]}
+
+
+def _w2_compiled_blocks(rank: int, world_size: int, out: str) -> dict:
+    """W=2, 6 rank-local samples each, repeated units compiled in place inside DDP (aot_eager)."""
+    from arcface.train import train
+
+    cfg = make_cfg(Path(out), 6, "runtime.compile=true", "runtime.compile_backend=aot_eager",
+                   "runtime.compile_scope=blocks")
+    summary = train(cfg, backbone_factory=tiny_blocks_factory)
+    return {"losses": summary["losses"], "final": summary["checkpoint"]}
 
 
 # -- tests --------------------------------------------------------------------------------------------------
@@ -177,6 +221,27 @@ def test_two_ranks_equal_one_rank_and_reshard_to_three_and_one(reference: dict, 
     assert w1["resumed_from"].endswith("step_00000003")
     torch.testing.assert_close(torch.tensor(w1["losses"], dtype=torch.float64), ref_losses[3:],
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_with_compiled_blocks_equal_one_eager_rank(tmp_path: Path) -> None:
+    """DDP around a backbone whose units are compiled in place: the same losses and weights as one eager
+    process with the whole batch, and the checkpoint keys of the plain network."""
+    from arcface.train import train
+
+    reference = train(make_cfg(tmp_path / "eager", 12), backbone_factory=tiny_blocks_factory)
+    results = run_distributed(_w2_compiled_blocks, 2, args=(str(tmp_path / "w2"),), timeout_s=240)
+    ref_state = backbone_state(Path(reference["checkpoint"]))
+    for r in results:
+        # The rank-local sums of DDP's gradient average differ in order from the single process's sums.
+        torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64),
+                                   torch.tensor(reference["losses"], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    state = backbone_state(Path(results[0]["final"]))
+    assert sorted(state) == sorted(ref_state)
+    for key, value in ref_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=2e-5, msg=key)
 
 
 def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> None:
@@ -342,17 +407,22 @@ def test_adamw_and_dense_fc_update_train(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for v in start["losses"] + final["losses"])
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_torch_compile_in_the_loop_tracks_the_eager_run(tmp_path: Path, backend: str) -> None:
-    """runtime.compile: the compiled backbone trains like the eager one (same losses, same weights), across
-    a stop and resume; checkpoints hold the plain network's keys (no compile wrapper prefix)."""
+@pytest.mark.parametrize("backend, scope", [
+    ("aot_eager", "model"), ("aot_eager", "blocks"),
+    pytest.param("inductor", "model", marks=pytest.mark.slow),
+])
+def test_torch_compile_in_the_loop_tracks_the_eager_run(tmp_path: Path, backend: str, scope: str) -> None:
+    """runtime.compile: the compiled backbone (whole, or its repeated units compiled in place) trains like
+    the eager one (same losses, same weights, BN statistics included), across a stop and resume;
+    checkpoints hold the plain network's keys (no compile wrapper prefix)."""
     from arcface.train import train
 
-    reference = train(make_cfg(tmp_path / "eager", 6), backbone_factory=tiny_bn_factory)
+    factory = tiny_bn_factory if scope == "model" else tiny_blocks_bn_factory
+    reference = train(make_cfg(tmp_path / "eager", 6), backbone_factory=factory)
     out = tmp_path / backend
-    extra = ("runtime.compile=true", f"runtime.compile_backend={backend}")
-    first = train(make_cfg(out, 6, *extra), max_steps=3, backbone_factory=tiny_bn_factory)
-    second = train(make_cfg(out, 6, *extra), backbone_factory=tiny_bn_factory)
+    extra = ("runtime.compile=true", f"runtime.compile_backend={backend}", f"runtime.compile_scope={scope}")
+    first = train(make_cfg(out, 6, *extra), max_steps=3, backbone_factory=factory)
+    second = train(make_cfg(out, 6, *extra), backbone_factory=factory)
     assert second["resumed_from"] == first["checkpoint"]
     torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
                                torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
