@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from arcface import launch
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["runtime.batch_size=4", "data.synthetic_num_images=64", "backbone.embedding_size=32",
          "output.tensorboard=false", "runtime.log_every=1"]
 

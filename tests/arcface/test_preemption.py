@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory  # noqa: E402
+from tests.arcface.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory  # noqa: E402
 
 TIMEOUT_S = 240
 STOP_AT = 3

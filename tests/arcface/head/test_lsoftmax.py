@@ -3,8 +3,8 @@
 References: ``arcface.objectives.losses.LSoftmax`` (autograd through ``acos`` and the piecewise ``psi`` of the
 paper: a separate implementation, no Chebyshev polynomials, no hand-written gradient), the paper's formula
 evaluated row by row, and ``torch.autograd.gradcheck`` (finite differences). The sharded classifier
-with this head on 2 and 3 ranks is checked in tests/test_center_loss.py (with and without the center
-term).
+with this head on 2 and 3 ranks is checked in tests/arcface/objectives/test_center_loss.py (with and
+without the center term).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,8 +14,7 @@ from recordio_tools.errors import PackError
 from recordio_tools.images import display_path
 from recordio_tools.pack import PackOptions, pack
 from recordio_tools.verification_bin import load_bin
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def _image(identity, index, size=32):

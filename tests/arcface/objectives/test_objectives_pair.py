@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from arcface.objectives import losses as L
+from tests.arcface.test_train_loop import backbone_state, tiny_factory
 from tests.dist_utils import run_distributed
-from tests.test_train_loop import backbone_state, tiny_factory
 
 NUM_CLASSES = 29
 DIM = 8

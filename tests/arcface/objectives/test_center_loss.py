@@ -24,8 +24,8 @@ from arcface.head.partition import ClassPartition
 from arcface.head.shard_checkpoint import FCCheckpointError, list_fc_shards
 from arcface.objectives.center_loss import CenterLossOptimizer, ShardedCenters, SoftmaxCenterObjective
 from arcface.objectives.losses import LSoftmax
+from tests.arcface.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory
 from tests.dist_utils import run_distributed
-from tests.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory
 
 CLASSES, DIM, BATCH = 11, 5, 12  # 12 rows split evenly over 1, 2 and 3 ranks
 WEIGHT, ALPHA = 0.1, 0.5

@@ -23,9 +23,10 @@ from backbones.insightface import insightface_to_registry_key
 from eval.cli import main as eval_main
 from recordio_tools.synth import render_identity_image
 from tests.insightface_fixtures import PFC_RUN, golden_embeddings, golden_input, golden_state_dict
+from tests.paths import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-PAIRS = Path(__file__).resolve().parent / "data" / "mxnet_golden" / "pairs.bin"
+PAIRS = TEST_DATA / "mxnet_golden" / "pairs.bin"
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from types import ModuleType
 import pytest
 
 from arcface.config import RuntimeConfig
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.paths import BENCH
 
 
 def _load(name: str) -> ModuleType:

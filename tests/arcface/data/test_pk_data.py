@@ -17,7 +17,7 @@ import torch
 from arcface.config import load_config
 from arcface.data import DistributedPKSampler, ResumableDistributedSampler, build_train_loader
 from recordio_tools.writer import FaceDatasetWriter
-from tests.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory
+from tests.arcface.test_train_loop import backbone_state, global_fc, make_cfg, tiny_bn_factory
 
 # 14 identities; with K = 4, identities 4, 5, 6 and 12 have fewer than K images (3, 2, 1, 2).
 COUNTS = [6, 5, 4, 4, 3, 2, 1, 7, 4, 5, 4, 8, 2, 4]

@@ -16,15 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.arcface.test_train_loop import make_cfg, tiny_factory  # noqa: E402
 from tests.dist_utils import find_free_port  # noqa: E402
-from tests.test_train_loop import make_cfg, tiny_factory  # noqa: E402
 
 TIMEOUT_S = 240
 

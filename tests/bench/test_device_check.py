@@ -4,13 +4,14 @@ when they should."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
+from tests.paths import BENCH
+
 # Loaded from its path: putting bench/ on sys.path would let bench/eval.py shadow the eval package.
 _SPEC = importlib.util.spec_from_file_location(
-    "device_check", Path(__file__).resolve().parents[1] / "bench" / "device_check.py")
+    "device_check", BENCH / "device_check.py")
 assert _SPEC is not None and _SPEC.loader is not None
 device_check = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(device_check)

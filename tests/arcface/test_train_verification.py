@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.test_train_loop import TinyNet, make_cfg, tiny_factory  # noqa: E402
+from tests.arcface.test_train_loop import TinyNet, make_cfg, tiny_factory  # noqa: E402
 
 NUISANCE_DIRS = 8
 

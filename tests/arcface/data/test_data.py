@@ -13,6 +13,7 @@ from arcface.config import TrainConfig, load_config
 from arcface.data import Augmenter, FaceTrainDataset, ResumableDistributedSampler, build_train_loader
 from arcface.preprocess import ImageDecodeError
 from recordio_tools.writer import FaceDatasetWriter
+from tests.paths import ROOT
 
 NUM_CLASSES, PER_CLASS = 4, 6
 
@@ -311,7 +312,7 @@ def test_workers_do_not_deadlock_after_the_parent_used_threaded_opencv(tiny_rec)
     import sys
 
     rec, _, _ = tiny_rec
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(rec)], cwd=root, capture_output=True,
                             text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr

@@ -16,8 +16,9 @@ from arcface.config import load_config
 from arcface.interop.insightface_config import InsightFaceConfigError, translate_insightface_config
 from arcface.optim import lr_at
 from arcface.train import main as train_main
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = TEST_DATA
 MS1MV3 = DATA / "insightface_configs" / "ms1mv3_r50.py"
 GLINT = DATA / "insightface_configs_nobase" / "glint360k_mbf_cosface.py"
 

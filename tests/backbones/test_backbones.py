@@ -16,7 +16,7 @@ from backbones import canonical_name, create_backbone, list_backbones
 REFERENCE_PARAMS_M = {"r18": 24.03, "r34": 34.14, "r50": 43.59, "r100": 65.16, "r200": 118.83,
                       "mobilefacenet": 2.06,
                       # not in FORMATS.md: arcface_torch's mbf_large, counted from its layer list
-                      # (tests/test_insightface_backbones.py::arcface_torch_mbf_shapes gives 6.31488 M)
+                      # (test_insightface_backbones.py::arcface_torch_mbf_shapes gives 6.31488 M)
                       "mobilefacenet_large": 6.31,
                       # not in FORMATS.md: the half-width CPU variant; guards the registry entry's width
                       "mobilefacenet_s": 0.78}
